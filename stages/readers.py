@@ -1,0 +1,279 @@
+"""Plain-Python readers: BEIR folders, JSONL/Parquet text corpora, (query, positive, negatives) rows.
+
+Why strict: a bad record (invalid JSON, missing/empty field, wrong type, duplicate id, a qrel naming an
+unknown document or query) stops the read with an error naming file, line and reason. With
+`skip_bad_records=True` it is counted and written to a quarantine JSONL file with the reason instead.
+Nothing is dropped silently. Ray Data wraps these functions; it does not re-implement them.
+"""
+from __future__ import annotations
+
+import gzip
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+from stages.text import doc_text
+
+
+class BadRecordError(ValueError):
+    def __init__(self, file: str | os.PathLike, line: int, reason: str):
+        self.file, self.line, self.reason = str(file), line, reason
+        super().__init__(f"{file}:{line}: {reason}")
+
+
+@dataclass
+class Quarantine:
+    """Collects bad records. `path=None` with skip=False means: raise on the first one."""
+
+    skip: bool = False
+    path: Path | None = None
+    count: int = 0
+    reasons: dict[str, int] = field(default_factory=dict)
+
+    def bad(self, file, line: int, reason: str, raw: Any = None) -> None:
+        if not self.skip:
+            raise BadRecordError(file, line, reason)
+        self.count += 1
+        kind = reason.split(":")[0]
+        self.reasons[kind] = self.reasons.get(kind, 0) + 1
+        if self.path is not None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            with open(self.path, "a") as f:
+                f.write(json.dumps({"file": str(file), "line": line, "reason": reason,
+                                    "record": raw if isinstance(raw, (str, type(None))) else repr(raw)}) + "\n")
+
+    def summary(self) -> dict:
+        return {"bad_records": self.count, "by_reason": dict(sorted(self.reasons.items())),
+                "quarantine_file": str(self.path) if self.path else None}
+
+
+def make_quarantine(skip_bad_records: bool, quarantine: str | os.PathLike | Quarantine | None) -> Quarantine:
+    if isinstance(quarantine, Quarantine):
+        return quarantine
+    return Quarantine(skip=skip_bad_records, path=Path(quarantine) if quarantine else None)
+
+
+def _open_text(path: Path):
+    return gzip.open(path, "rt", encoding="utf-8") if path.suffix == ".gz" else open(path, encoding="utf-8")
+
+
+def iter_jsonl(path: str | os.PathLike, q: Quarantine) -> Iterator[tuple[int, dict]]:
+    """(line number, object) for each non-blank line; invalid JSON or non-objects go to `q`."""
+    path = Path(path)
+    with _open_text(path) as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                q.bad(path, n, f"invalid JSON: {e.msg}", line.rstrip("\n")[:500])
+                continue
+            if not isinstance(obj, dict):
+                q.bad(path, n, f"wrong type: record is {type(obj).__name__}, expected a JSON object", line[:500])
+                continue
+            yield n, obj
+
+
+def _field(obj: dict, name: str, path, n: int, q: Quarantine, required: bool = True,
+           allow_empty: bool = False, ids: bool = False) -> str | None:
+    """Validate one string field; returns None (after reporting) when it is bad."""
+    if name not in obj or obj[name] is None:
+        if required:
+            q.bad(path, n, f"missing field: '{name}'", obj)
+        return "" if not required else None
+    v = obj[name]
+    if ids and isinstance(v, int) and not isinstance(v, bool):
+        v = str(v)                                     # BEIR ids are often integers
+    if not isinstance(v, str):
+        q.bad(path, n, f"wrong type: field '{name}' is {type(v).__name__}, expected string", obj)
+        return None
+    if not allow_empty and not v.strip():
+        q.bad(path, n, f"empty field: '{name}'", obj)
+        return None
+    return v
+
+
+def _first_present(obj: dict, names: tuple[str, ...]) -> str:
+    return next((n for n in names if n in obj), names[0])
+
+
+# ---------------------------------------------------------------------- BEIR
+@dataclass
+class BeirData:
+    name: str
+    corpus: dict[str, dict]                 # id -> {"title", "text"}
+    queries: dict[str, str]
+    qrels: dict[str, dict[str, int]]        # query id -> {doc id: grade}
+    bad: dict = field(default_factory=dict)
+
+    def doc_ids(self) -> list[str]:
+        return list(self.corpus)
+
+    def doc_texts(self) -> list[str]:
+        return [doc_text(d) for d in self.corpus.values()]
+
+
+def dataset_name(folder: str | os.PathLike) -> str:
+    """Folder name, or the parent's when the folder is a generic split name (medquad/dev -> medquad)."""
+    p = Path(folder).resolve()
+    return p.parent.name if p.name in ("dev", "test", "train", "eval", "validation") else p.name
+
+
+def read_beir_corpus(path: str | os.PathLike, q: Quarantine) -> dict[str, dict]:
+    corpus: dict[str, dict] = {}
+    for n, obj in iter_jsonl(path, q):
+        did = _field(obj, "_id", path, n, q, ids=True)
+        text = _field(obj, "text", path, n, q)
+        title = _field(obj, "title", path, n, q, required=False, allow_empty=True)
+        if did is None or text is None or title is None:
+            continue
+        if did in corpus:
+            q.bad(path, n, f"duplicate id: '{did}'", obj)
+            continue
+        corpus[did] = {"title": title or "", "text": text}
+    return corpus
+
+
+def read_beir(folder: str | os.PathLike, split: str = "test", skip_bad_records: bool = False,
+              quarantine: str | os.PathLike | Quarantine | None = None) -> BeirData:
+    """Read a BEIR folder: corpus.jsonl, queries.jsonl, qrels/<split>.tsv (graded relevance kept)."""
+    folder = Path(folder)
+    q = make_quarantine(skip_bad_records, quarantine)
+    files = {"corpus": folder / "corpus.jsonl", "queries": folder / "queries.jsonl",
+             "qrels": folder / "qrels" / f"{split}.tsv"}
+    missing = [str(p) for p in files.values() if not p.exists()]
+    if missing:
+        raise FileNotFoundError(f"{folder} is not a BEIR folder: missing {', '.join(missing)}")
+    corpus = read_beir_corpus(files["corpus"], q)
+    queries: dict[str, str] = {}
+    for n, obj in iter_jsonl(files["queries"], q):
+        qid = _field(obj, "_id", files["queries"], n, q, ids=True)
+        text = _field(obj, "text", files["queries"], n, q)
+        if qid is None or text is None:
+            continue
+        if qid in queries:
+            q.bad(files["queries"], n, f"duplicate id: '{qid}'", obj)
+            continue
+        queries[qid] = text
+    qrels: dict[str, dict[str, int]] = {}
+    with open(files["qrels"], encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            cols = line.rstrip("\n").split("\t")
+            if n == 1 and cols[0] in ("query-id", "query_id", "qid"):
+                continue
+            if len(cols) != 3:
+                q.bad(files["qrels"], n, f"wrong type: expected 3 tab-separated columns, got {len(cols)}", line)
+                continue
+            qid, did, score = cols
+            try:
+                grade = int(float(score))
+            except ValueError:
+                q.bad(files["qrels"], n, f"wrong type: score {score!r} is not a number", line)
+                continue
+            if did not in corpus:
+                q.bad(files["qrels"], n, f"unknown document: '{did}' is not in corpus.jsonl", line)
+                continue
+            if qid not in queries:
+                q.bad(files["qrels"], n, f"unknown query: '{qid}' is not in queries.jsonl", line)
+                continue
+            if did in qrels.get(qid, {}):
+                q.bad(files["qrels"], n, f"duplicate id: qrel ({qid}, {did}) repeated", line)
+                continue
+            qrels.setdefault(qid, {})[did] = grade
+    return BeirData(dataset_name(folder), corpus, queries, qrels, q.summary())
+
+
+# ---------------------------------------------------------------------- text corpora and pairs
+def _iter_parquet(path: Path) -> Iterator[tuple[int, dict]]:
+    import pyarrow.parquet as pq
+
+    files = sorted(path.rglob("*.parquet")) if path.is_dir() else [path]
+    n = 0
+    for f in files:
+        for batch in pq.ParquetFile(f).iter_batches():
+            for row in batch.to_pylist():
+                n += 1
+                yield n, row
+
+
+def iter_records(path: str | os.PathLike, q: Quarantine) -> Iterator[tuple[Path, int, dict]]:
+    """(file, line/row number, dict) from JSONL (.jsonl/.json/.gz), Parquet file/folder, or BEIR folder."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path} does not exist")
+    if path.is_dir() and (path / "corpus.jsonl").exists():
+        path = path / "corpus.jsonl"
+    if path.suffix == ".parquet" or (path.is_dir() and any(path.rglob("*.parquet"))):
+        for n, row in _iter_parquet(path):
+            yield path, n, row
+    elif path.is_file():
+        for n, obj in iter_jsonl(path, q):
+            yield path, n, obj
+    else:
+        raise ValueError(f"{path}: expected a JSONL/Parquet file, a Parquet folder or a BEIR folder")
+
+
+def read_corpus(path: str | os.PathLike, text_field: str | None = None, skip_bad_records: bool = False,
+                quarantine: str | os.PathLike | Quarantine | None = None) -> list[dict]:
+    """Documents as [{"_id", "title", "text"}]. Ids: `_id` or `id` (row number when neither exists).
+
+    `text_field` picks another field as the text (e.g. "answer" for MedQuAD QA pairs).
+    """
+    q = make_quarantine(skip_bad_records, quarantine)
+    out, seen = [], set()
+    for f, n, obj in iter_records(path, q):
+        id_name = _first_present(obj, ("_id", "id"))
+        did = _field(obj, id_name, f, n, q, ids=True) if id_name in obj else str(n)
+        text = _field(obj, text_field or "text", f, n, q)
+        title = _field(obj, "title", f, n, q, required=False, allow_empty=True)
+        if did is None or text is None or title is None:
+            continue
+        if did in seen:
+            q.bad(f, n, f"duplicate id: '{did}'", obj)
+            continue
+        seen.add(did)
+        out.append({"_id": did, "title": title or "", "text": text})
+    return out
+
+
+def read_pairs(path: str | os.PathLike, query_field: str = "query", positive_field: str = "positive",
+               negatives_field: str = "negatives", skip_bad_records: bool = False,
+               quarantine: str | os.PathLike | Quarantine | None = None) -> list[dict]:
+    """(query, positive, negatives) rows as [{"query", "positive", "negatives": [...]}] (negatives optional)."""
+    q = make_quarantine(skip_bad_records, quarantine)
+    rows = []
+    for f, n, obj in iter_records(path, q):
+        qt = _field(obj, query_field, f, n, q)
+        pt = _field(obj, positive_field, f, n, q)
+        if qt is None or pt is None:
+            continue
+        negs = obj.get(negatives_field) or []
+        if hasattr(negs, "tolist"):
+            negs = negs.tolist()
+        if not isinstance(negs, list) or not all(isinstance(x, str) and x.strip() for x in negs):
+            q.bad(f, n, f"wrong type: field '{negatives_field}' must be a list of non-empty strings", obj)
+            continue
+        rows.append({"query": qt, "positive": pt, "negatives": list(negs)})
+    return rows
+
+
+def beir_pairs(data: BeirData, min_grade: int = 1) -> list[dict]:
+    """Stage-2 rows from a BEIR folder: each (query, relevant document) becomes one row."""
+    rows = []
+    for qid, rel in data.qrels.items():
+        for did, grade in rel.items():
+            if grade >= min_grade:
+                rows.append({"query": data.queries[qid], "positive": doc_text(data.corpus[did]), "negatives": [],
+                             "query_id": qid, "doc_id": did})
+    return rows
+
+
+def is_beir_folder(path: str | os.PathLike) -> bool:
+    p = Path(path)
+    return p.is_dir() and (p / "corpus.jsonl").exists() and (p / "queries.jsonl").exists()
+
