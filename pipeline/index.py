@@ -528,7 +528,7 @@ def reindex(index_dir: str | os.PathLike, ids: Sequence[str], hashes: Sequence[s
         r = read_shard_rows(folder, i)
         keep = [j for j, d in enumerate(r.ids) if d in want and d not in fresh_by_id]
         sid = [r.ids[j] for j in keep] + [d for d in todo if shard_of(d, n) == i]
-        vec = np.concatenate([r.vectors[keep].reshape(len(keep), -1),
+        vec = np.concatenate([r.vectors[keep].reshape(-1, m["dimension"]),
                               np.asarray([fresh_by_id[d] for d in sid[len(keep):]], np.float32)
                               .reshape(-1, m["dimension"])])
         rebuild[i] = ShardRows.make(sid, [want[d] for d in sid], vec, m["dimension"])
