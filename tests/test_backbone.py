@@ -32,11 +32,12 @@ def test_num_layers_keeps_the_first_layers(tiny_backbone, tmp_path):
     with torch.no_grad():
         h_full = full(**ids, output_hidden_states=True).hidden_states
         out_one = one(**ids, output_hidden_states=True)
-    # the truncated model's layer-0 output is exactly the full model's layer-0 output
+    # the truncated model is the full model's first layer, then the final norm and LM head
     assert torch.equal(out_one.hidden_states[0], h_full[0])
-    norm = one.get_decoder().norm
-    assert torch.allclose(out_one.hidden_states[1], h_full[1]) or torch.allclose(out_one.hidden_states[1],
-                                                                                   norm(h_full[1]))
+    with torch.no_grad():
+        expected = full.lm_head(full.get_decoder().norm(h_full[1]))
+    assert torch.allclose(out_one.logits, expected, atol=1e-5)
+    assert not torch.allclose(out_one.logits, full(**ids).logits, atol=1e-3)
     # it saves and reloads as an ordinary 1-layer model with identical logits
     one.save_pretrained(tmp_path / "one")
     tok.save_pretrained(tmp_path / "one")
