@@ -132,11 +132,12 @@ def embed_queries_and_docs(model_ref: str, query_texts: Mapping[str, str], corpu
     if not use_ray:
         v = embed_texts_local(load_encoder(model_ref), texts, embed_cfg.batch_size)
         return v[: len(qids)], v[len(qids):]
-    keys = [f"q{i:012d}" for i in range(len(qids))] + [f"d{i:012d}" for i in range(len(dids))]
+    keys = [f"q:{q}" for q in qids] + [f"d:{d}" for d in dids]  # query and doc ids may collide
     with tempfile.TemporaryDirectory(prefix="lbr-mine-emb-") as tmp:
         emb = read_embeddings(embed_to_parquet(model_ref, keys, texts, tmp, embed_cfg))
-    # keys sort as all queries then all docs, each in input order
-    return emb.vectors[: len(qids)], emb.vectors[len(qids):]
+    row = {k: i for i, k in enumerate(emb.ids)}
+    v = emb.vectors[[row[k] for k in keys]]
+    return v[: len(qids)], v[len(qids):]
 
 
 def mine_negatives(model_ref: str, data_dir: str | os.PathLike, out: str | os.PathLike, cfg: NegativeConfig,
