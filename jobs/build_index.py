@@ -43,6 +43,14 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     a = parse_args(argv)
+    try:
+        return run(a)
+    except (ValueError, FileNotFoundError) as e:  # unusable inputs: a message, not a traceback
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+def run(a: argparse.Namespace) -> int:
     from stages.readers import read_corpus
 
     cfg = IndexConfig(factory=a.factory, shards=a.shards, nprobe=a.nprobe, ef_search=a.ef_search,
