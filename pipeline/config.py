@@ -204,7 +204,7 @@ def parse_overrides(items: list[str]) -> dict:
         for p in parts[:-1]:
             node = node.setdefault(p, {})
             if not isinstance(node, dict):
-                raise ValueError(f"override {item!r} conflicts with another override")
+                raise TypeError(f"override {item!r} conflicts with another override")
         node[parts[-1]] = _scalar(raw)
     return out
 
@@ -237,7 +237,7 @@ def load_yaml(path: str | Path | None) -> dict:
         raise FileNotFoundError(f"config file {path} does not exist")
     data = yaml.safe_load(path.read_text()) or {}
     if not isinstance(data, dict):
-        raise ValueError(f"{path}: the top level must be a mapping")
+        raise TypeError(f"{path}: the top level must be a mapping")
     return data
 
 

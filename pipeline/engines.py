@@ -69,3 +69,108 @@ class TorchEngine:
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.micro = int(state["micro"])
+
+    def __call__(self, *args, **kwargs):
+        return self.module(*args, **kwargs)
+
+    def save(self, folder: str, step: int) -> None:
+        """Weights (safetensors) + optimizer/scheduler (tensors only, loadable with weights_only)."""
+        from safetensors.torch import save_model
+
+        save_model(self.module, f"{folder}/model.safetensors")
+        torch.save(self.state_dict(), f"{folder}/optim.pt")
+
+    def load(self, folder: str) -> None:
+        from safetensors.torch import load_model
+
+        load_model(self.module, f"{folder}/model.safetensors", strict=False)
+        self.load_state_dict(torch.load(f"{folder}/optim.pt", weights_only=True))
+
+
+class DDPEngine(TorchEngine):
+    """Plain DDP (gloo on CPU, NCCL on GPU) through Ray Train's prepare_model — a config switch."""
+
+    def __init__(self, model: torch.nn.Module, cfg: OptimConfig, total_steps: int, rank: int):
+        import ray.train.torch
+
+        super().__init__(model, cfg, total_steps)
+        self.rank = rank
+        self.wrapped = ray.train.torch.prepare_model(
+            model, parallel_strategy_kwargs={"find_unused_parameters": True})
+
+    def __call__(self, *args, **kwargs):
+        return self.wrapped(*args, **kwargs)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        if self.micro % self.cfg.grad_accum == self.cfg.grad_accum - 1 or not hasattr(self.wrapped, "no_sync"):
+            (loss / self.cfg.grad_accum).backward()
+        else:
+            with self.wrapped.no_sync():                 # sync gradients only at the boundary
+                (loss / self.cfg.grad_accum).backward()
+
+    def save(self, folder: str, step: int) -> None:
+        if self.rank == 0:
+            super().save(folder, step)
+
+
+def deepspeed_config(cfg, world_size: int, use_cuda: bool) -> dict:
+    """DeepSpeed config from the typed run config (ZeRO stage, offload, precision, accumulation)."""
+    e, o = cfg.engine, cfg.optim
+    bf16 = e.precision == "bf16" or (e.precision == "auto" and use_cuda)
+    zero: dict = {"stage": e.zero}
+    if e.zero == 3:
+        zero["stage3_param_persistence_threshold"] = 0
+        zero["stage3_gather_16bit_weights_on_model_save"] = True
+    if e.offload and e.zero > 0:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": use_cuda}
+        if e.zero == 3:
+            zero["offload_param"] = {"device": "cpu", "pin_memory": use_cuda}
+    return {
+        "train_micro_batch_size_per_gpu": cfg.batch_size,
+        "gradient_accumulation_steps": o.grad_accum,
+        "train_batch_size": cfg.batch_size * o.grad_accum * world_size,
+        "zero_optimization": zero,
+        "zero_allow_untested_optimizer": True,     # a torch AdamW: no fused_adam JIT build on CPU
+        "gradient_clipping": o.grad_clip if o.grad_clip > 0 else 0.0,
+        "bf16": {"enabled": bf16},
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+
+
+class DeepSpeedEngine:
+    """deepspeed.initialize around the model, a torch AdamW and our LambdaLR schedule."""
+
+    TAG = "ckpt"
+
+    def __init__(self, model: torch.nn.Module, cfg, total_steps: int, world_size: int, use_cuda: bool):
+        import deepspeed
+
+        self.cfg = cfg
+        params = [p for p in model.parameters() if p.requires_grad]
+        opt = make_optimizer(params, cfg.optim)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg.optim, total_steps))
+        self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
+            model=model, optimizer=opt, lr_scheduler=sched, model_parameters=params,
+            config=deepspeed_config(cfg, world_size, use_cuda), dist_init_required=False)
+        self.module = self.engine.module
+
+    def __call__(self, *args, **kwargs):
+        return self.engine(*args, **kwargs)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        self.engine.backward(loss)
+
+    def step(self) -> None:
+        self.engine.step()                          # DeepSpeed steps the optimizer at accumulation boundaries
+
+    def get_lr(self) -> float:
+        return float(self.engine.get_lr()[0])
+
+    def save(self, folder: str, step: int) -> None:
+        self.engine.save_checkpoint(folder, tag=self.TAG, client_state={"step": step})   # collective
+
+    def load(self, folder: str) -> None:
+        path, _ = self.engine.load_checkpoint(folder, tag=self.TAG)
+        if path is None:
+            raise RuntimeError(f"no DeepSpeed checkpoint under {folder}")

@@ -8,7 +8,7 @@ drop), so collective calls never wait on a worker that ran out of data.
 from __future__ import annotations
 
 import time
-from typing import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 
 import torch
 
@@ -49,7 +49,8 @@ def train_loop(model: LBRModel, engine, source: BatchSource, cfg: TrainConfig, *
                stop: Callable[[], bool] | None = None) -> dict:
     """Run optimizer steps `start_step+1 .. cfg.steps`; returns the last logged record.
 
-    `model` is the unwrapped LBRModel (loss computation); `engine` owns backward/step.
+    `model` is the unwrapped LBRModel; `engine(objective, ...)` runs the loss through the (possibly
+    wrapped) module's forward, and owns backward/step.
     `log(record)` gets {step, loss, <parts>, lr, tokens_per_s}; `checkpoint(step)` is called on every
     rank (DeepSpeed checkpoints are collective) every `cfg.checkpoint_every` steps and at the end.
     """
@@ -67,7 +68,7 @@ def train_loop(model: LBRModel, engine, source: BatchSource, cfg: TrainConfig, *
             _, batch = next(it)
             batch = {k: torch.as_tensor(v).to(device) for k, v in batch.items()}
             g = torch.Generator(device=device).manual_seed(cfg.seed * 1_000_003 + step * 1009 + micro * 7 + rank)
-            loss, parts = compute_loss(model, batch, cfg, gather=gather, rank=rank, generator=g)
+            loss, parts = engine(compute_loss, batch, cfg, gather=gather, rank=rank, generator=g)
             engine.backward(loss)
             engine.step()
             tokens += count_tokens(batch)

@@ -8,8 +8,8 @@ import random
 import shutil
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 
@@ -120,7 +120,8 @@ def claim_out_dir(out: str | Path, overwrite: bool) -> Path:
 class MetricsWriter:
     """metrics.jsonl (one line per logged step) + TensorBoard scalars + a progress display."""
 
-    def __init__(self, out: Path, total_steps: int, stage: str, progress: bool | None = None, resume: bool = False):
+    def __init__(self, out: Path, total_steps: int, stage: str, progress: bool | None = None, resume: bool = False,
+                 echo: bool = True):
         from torch.utils.tensorboard import SummaryWriter
 
         self.path = out / "metrics.jsonl"
@@ -128,8 +129,9 @@ class MetricsWriter:
             self.path.unlink()
         self.tb = SummaryWriter(log_dir=str(out / "tensorboard"))
         self.stage = stage
+        self.echo = echo
         self.bar = None
-        use_bar = sys.stderr.isatty() if progress is None else progress
+        use_bar = echo and (sys.stderr.isatty() if progress is None else progress)
         if use_bar:
             from tqdm import tqdm
             self.bar = tqdm(total=total_steps, desc=stage, unit="step")
@@ -147,7 +149,7 @@ class MetricsWriter:
             self.bar.n = rec["step"]
             self.bar.set_postfix_str(f"{parts} tok/s={rec['tokens_per_s']:.0f}")
             self.bar.refresh()
-        else:
+        elif self.echo:
             print(f"[{self.stage}] step {rec['step']}/{self.total} {parts} lr={rec['lr']:.3g} "
                   f"tok/s={rec['tokens_per_s']:.0f}", flush=True)
 

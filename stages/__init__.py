@@ -4,4 +4,4 @@ No Ray, DeepSpeed or torch.distributed imports here (a test walks the AST to kee
 """
 from stages.model import LBRConfig, LBRModel
 
-__all__ = ["LBRModel", "LBRConfig"]
+__all__ = ["LBRConfig", "LBRModel"]

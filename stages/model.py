@@ -17,9 +17,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import torch
@@ -68,7 +68,7 @@ class LBRConfig:
         return d
 
     @classmethod
-    def from_json(cls, d: dict) -> "LBRConfig":
+    def from_json(cls, d: dict) -> LBRConfig:
         known = set(cls.__dataclass_fields__)
         unknown = set(d) - known
         if unknown:
@@ -119,7 +119,7 @@ class LBRModel(nn.Module):
                       latent_dim: int | None = None, max_length: int = 256, lora_r: int = 0,
                       lora_alpha: int = 32, lora_dropout: float = 0.0,
                       lora_targets: Sequence[str] = ("q_proj", "k_proj", "v_proj", "o_proj"),
-                      num_layers: int | None = None, gguf_file: str | None = None) -> "LBRModel":
+                      num_layers: int | None = None, gguf_file: str | None = None) -> LBRModel:
         """Wrap a local causal-LM backbone (folder or .gguf) as a fresh, untrained LBR model."""
         lm, tok = load_backbone(path, gguf_file=gguf_file, num_layers=num_layers)
         if pooling != "bottleneck" and num_bottleneck == 8:
@@ -131,7 +131,7 @@ class LBRModel(nn.Module):
         return cls(_maybe_lora(lm, cfg), _prepare_tokenizer(tok), cfg)
 
     @classmethod
-    def from_pretrained(cls, path: str | Path) -> "LBRModel":
+    def from_pretrained(cls, path: str | Path) -> LBRModel:
         """Load a folder written by `save_pretrained` (safetensors + JSON; no pickles)."""
         from safetensors.torch import load_model
         from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
@@ -196,6 +196,15 @@ class LBRModel(nn.Module):
 
     def token_embeddings(self, ids: torch.Tensor) -> torch.Tensor:
         return self._base().get_input_embeddings()(ids)
+
+    def forward(self, objective, *args, **kwargs):
+        """Run `objective(self, *args, **kwargs)` as this module's forward.
+
+        Why: DDP and DeepSpeed ZeRO-3 act in forward hooks (gradient sync, parameter gathering of the
+        bottleneck rows held directly by this module); a loss computed through `engine(objective, ...)`
+        gets them, whatever the objective calls inside.
+        """
+        return objective(self, *args, **kwargs)
 
     # ------------------------------------------------------------------ encode pass
     def encode_batch(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, sample: bool = False,

@@ -5,7 +5,7 @@ everywhere (a title-less document is its text alone; otherwise title, newline, t
 """
 from __future__ import annotations
 
-from typing import Mapping
+from collections.abc import Mapping
 
 
 def doc_text(doc: Mapping) -> str:

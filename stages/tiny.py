@@ -6,19 +6,10 @@ any other backbone, in seconds, on CPU, offline.
 from __future__ import annotations
 
 import random
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable
 
-_WORDS = (
-    "protein gene cell enzyme receptor kinase tumor cancer insulin glucose diabetes heart lung liver kidney "
-    "brain neuron synapse dopamine serotonin virus bacteria infection antibiotic vaccine immune antibody "
-    "molecule atom bond carbon oxygen nitrogen hydrogen acid base salt ester amine alcohol ketone aldehyde "
-    "benzene ring polymer catalyst reaction solvent crystal ion electron orbital spectrum function class "
-    "return value list dict string integer float loop index array parse file path socket thread lock queue "
-    "module import decorator generator iterator exception error raise yield lambda closure scope buffer "
-    "symptom treatment diagnosis therapy dose patient trial clinical chronic acute syndrome disorder rare "
-    "inherited mutation chromosome protein folding membrane transport signal pathway metabolism oxidation"
-).split()
+_WORDS = ["protein", "gene", "cell", "enzyme", "receptor", "kinase", "tumor", "cancer", "insulin", "glucose", "diabetes", "heart", "lung", "liver", "kidney", "brain", "neuron", "synapse", "dopamine", "serotonin", "virus", "bacteria", "infection", "antibiotic", "vaccine", "immune", "antibody", "molecule", "atom", "bond", "carbon", "oxygen", "nitrogen", "hydrogen", "acid", "base", "salt", "ester", "amine", "alcohol", "ketone", "aldehyde", "benzene", "ring", "polymer", "catalyst", "reaction", "solvent", "crystal", "ion", "electron", "orbital", "spectrum", "function", "class", "return", "value", "list", "dict", "string", "integer", "float", "loop", "index", "array", "parse", "file", "path", "socket", "thread", "lock", "queue", "module", "import", "decorator", "generator", "iterator", "exception", "error", "raise", "yield", "lambda", "closure", "scope", "buffer", "symptom", "treatment", "diagnosis", "therapy", "dose", "patient", "trial", "clinical", "chronic", "acute", "syndrome", "disorder", "rare", "inherited", "mutation", "chromosome", "protein", "folding", "membrane", "transport", "signal", "pathway", "metabolism", "oxidation"]
 
 
 def synthetic_corpus(n: int = 600, seed: int = 0) -> list[str]:

@@ -1,0 +1,74 @@
+"""Train one LBR stage.
+
+    python -m jobs.train --stage generative|contrastive --model PATH --data PATH --out DIR
+        [--workers N] [--zero 0|1|2|3] [--steps N] [--config YAML] [--baseline llm_cl]
+        [--overwrite] [key=value ...]
+
+Stage 1 (generative) `--data`: a text corpus (JSONL / Parquet / BEIR corpus; `data.text_field=answer`
+picks another field). Stage 2 (contrastive) `--data`: a BEIR folder or a (mined) pairs file; `--model`
+must be a stage-1 output folder unless `--baseline llm_cl`. `engine.kind=torch` runs the reference
+in-process trainer instead of Ray Train. Works the same under `ray job submit -- python -m jobs.train ...`.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(prog="python -m jobs.train", description=__doc__.split("\n\n")[0])
+    p.add_argument("--stage", required=True, choices=["generative", "contrastive"])
+    p.add_argument("--model", required=True, help="backbone folder/.gguf/'smollm2' (stage 1) or stage-1 output")
+    p.add_argument("--data", required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("--workers", type=int)
+    p.add_argument("--zero", type=int, choices=[0, 1, 2, 3])
+    p.add_argument("--steps", type=int)
+    p.add_argument("--config", help="YAML config (e.g. a Tune best.yaml)")
+    p.add_argument("--baseline", choices=["llm_cl"], help="stage 2 from a plain backbone: the LLM+CL baseline")
+    p.add_argument("--overwrite", action="store_true", help="replace a previous run in --out")
+    p.add_argument("--max-failures", type=int, default=2, help="worker-group restarts from the last checkpoint")
+    p.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. stage2.tau=0.05")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    from pipeline.config import load_train_config
+
+    try:
+        cfg = load_train_config(args.config, args.overrides, stage=args.stage, steps=args.steps,
+                                workers=args.workers, baseline=args.baseline,
+                                engine={"zero": args.zero} if args.zero is not None else None)
+        model = resolve_model(args.model, args.stage)
+        if cfg.engine.kind == "torch":
+            from pipeline.training import run_inprocess
+
+            report = run_inprocess(cfg, model, args.data, args.out, overwrite=args.overwrite)
+        else:
+            from pipeline.ray_train import run_ray
+
+            report = run_ray(cfg, model, args.data, args.out, overwrite=args.overwrite,
+                             max_failures=args.max_failures)
+    except (ValueError, TypeError, FileNotFoundError, FileExistsError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    final = report.get("final", {})
+    print(f"done: {report['stage']} {report['steps']} steps in {report['seconds']}s, final loss "
+          f"{final.get('loss', float('nan')):.4f}; model at {args.out}/model")
+    return 0
+
+
+def resolve_model(spec: str, stage: str) -> str:
+    """Backbone aliases (e.g. 'smollm2') resolve to a local converted folder; paths pass through."""
+    from pathlib import Path
+
+    if Path(spec).exists():
+        return spec
+    from stages.backbone import resolve_backbone
+
+    return str(resolve_backbone(spec))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

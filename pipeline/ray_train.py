@@ -1,0 +1,243 @@
+"""Ray Train runner: the one training loop in `TorchTrainer` workers with DeepSpeed (or DDP).
+
+Rank 0 writes metrics.jsonl / TensorBoard into the run folder (use shared storage for `--out` on a
+multi-node cluster); checkpoints go through Ray Train storage so a killed worker group resumes from
+the last one (FailureConfig). The final checkpoint is turned into a plain LBRModel folder in the
+driver (ZeRO-3 partitions merged by DeepSpeed's own converter), so `LBRModel.from_pretrained` loads it.
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+from pipeline.config import TrainConfig, from_dict
+from pipeline.training import (
+    MetricsWriter,
+    claim_out_dir,
+    prepare_model,
+    read_metrics,
+    read_rows,
+    write_report,
+)
+
+STATE_FILE = "trainer_state.json"
+
+
+# ---------------------------------------------------------------------- cluster
+def ensure_ray(num_cpus: int | None = None):
+    """Connect to a running cluster (RAY_ADDRESS / `ray job submit`) or start a local one."""
+    import ray
+
+    if ray.is_initialized():
+        return ray
+    repo = str(Path(__file__).resolve().parents[1])
+    env = {k: v for k, v in os.environ.items() if k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "DS_ACCELERATOR",
+                                                         "TORCH_EXTENSIONS_DIR", "OMP_NUM_THREADS", "LBR_CACHE")}
+    env.setdefault("HF_HUB_OFFLINE", "1")
+    env.setdefault("TOKENIZERS_PARALLELISM", "false")
+    env["PYTHONPATH"] = repo + os.pathsep + os.environ.get("PYTHONPATH", "")
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init(address=os.environ["RAY_ADDRESS"], runtime_env={"env_vars": env}, log_to_driver=True)
+    else:
+        # the dashboard is required: without it Train V2 leaks placement groups between runs
+        ray.init(num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1",
+                 runtime_env={"env_vars": env}, configure_logging=False)
+    return ray
+
+
+# ---------------------------------------------------------------------- worker side
+def _gather_with_grad(t):
+    import torch
+    import torch.distributed.nn.functional as dist_fn
+
+    return torch.cat(dist_fn.all_gather(t.contiguous()), 0)
+
+
+def make_engine(model, cfg: TrainConfig, rank: int, world: int, use_cuda: bool):
+    from pipeline.engines import DDPEngine, DeepSpeedEngine, TorchEngine
+
+    if cfg.engine.kind == "deepspeed":
+        return DeepSpeedEngine(model, cfg, cfg.steps, world, use_cuda)
+    if cfg.engine.kind == "ddp":
+        return DDPEngine(model, cfg.optim, cfg.steps, rank)
+    if world > 1:
+        raise ValueError("engine.kind=torch is single-process; use deepspeed or ddp with workers > 1")
+    return TorchEngine(model, cfg.optim, cfg.steps)
+
+
+def worker_fn(config: dict) -> None:
+    """Runs in every Ray Train worker."""
+    import ray.train
+    import ray.train.torch
+    import torch
+
+    from pipeline.data import shard_source
+    from pipeline.train_loop import train_loop
+
+    cfg = from_dict(TrainConfig, config["cfg"])
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    use_cuda = torch.cuda.is_available()
+    if not use_cuda:
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    device = ray.train.torch.get_device() if use_cuda else torch.device("cpu")
+    torch.manual_seed(cfg.seed)
+    model = prepare_model(cfg, config["model_path"]).to(device)
+    engine = make_engine(model, cfg, rank, world, use_cuda)
+
+    start = 0
+    ckpt = ray.train.get_checkpoint()
+    if ckpt is not None:
+        with ckpt.as_directory() as d:
+            engine.load(d)
+            start = json.loads((Path(d) / STATE_FILE).read_text())["step"]
+    out = Path(config["out"])
+    writer = None
+    if rank == 0:
+        if start:
+            _truncate_metrics(out / "metrics.jsonl", start)
+        writer = MetricsWriter(out, cfg.steps, cfg.stage, progress=False, resume=bool(start), echo=False)
+    gather = _gather_with_grad if (world > 1 and cfg.engine.gather_negatives and cfg.stage == "contrastive") else None
+    pid_file = config.get("pid_file")
+    if pid_file:                                         # lets the fault-tolerance test find a worker to kill
+        Path(f"{pid_file}.rank{rank}").write_text(str(os.getpid()))
+
+    def log(rec: dict) -> None:
+        if writer is not None:
+            writer(rec)
+        ray.train.report({**rec, "stage": cfg.stage})
+
+    def checkpoint(step: int) -> None:
+        with tempfile.TemporaryDirectory() as d:
+            engine.save(d, step)
+            if rank == 0:
+                (Path(d) / STATE_FILE).write_text(json.dumps({"step": step, "stage": cfg.stage}))
+            ray.train.report({"step": step, "checkpoint_step": step},
+                             checkpoint=ray.train.Checkpoint.from_directory(d))
+
+    source = shard_source(ray.train.get_dataset_shard("train"), cfg.batch_size)
+    try:
+        train_loop(model, engine, source, cfg, start_step=start, rank=rank, device=device, gather=gather,
+                   log=log, checkpoint=checkpoint)
+    finally:
+        if writer is not None:
+            writer.close()
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    """On resume, keep only the lines up to the checkpoint: the curve continues from there."""
+    if path.exists():
+        keep = [r for r in read_metrics(path) if r["step"] <= step]
+        path.write_text("".join(json.dumps(r, sort_keys=True) + "\n" for r in keep))
+
+
+# ---------------------------------------------------------------------- driver side
+def export_model(cfg: TrainConfig, model_path: str | Path, ckpt_dir: Path, dest: Path) -> None:
+    """Final checkpoint -> LBRModel folder (DeepSpeed: merge ZeRO partitions to fp32)."""
+    import torch
+    from safetensors.torch import load_model
+
+    torch.manual_seed(cfg.seed)
+    model = prepare_model(cfg, model_path)
+    if cfg.engine.kind == "deepspeed":
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        state = get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir), tag="ckpt")
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        missing = [m for m in missing if not m.endswith("lm_head.weight")]
+        if missing or unexpected:
+            raise RuntimeError(f"checkpoint {ckpt_dir} does not match the model: missing {missing[:5]}, "
+                               f"unexpected {unexpected[:5]}")
+    else:
+        load_model(model, str(ckpt_dir / "model.safetensors"), strict=False)
+    model.save_pretrained(dest)
+
+
+class _Progress(threading.Thread):
+    """Driver-side progress: follows metrics.jsonl (written by rank 0) into a bar or log lines."""
+
+    def __init__(self, path: Path, total: int, stage: str):
+        super().__init__(daemon=True)
+        self.path, self.total, self.stage = path, total, stage
+        self.done = threading.Event()
+
+    def run(self) -> None:
+        import sys
+
+        bar = None
+        if sys.stderr.isatty():
+            from tqdm import tqdm
+            bar = tqdm(total=self.total, desc=self.stage, unit="step")
+        seen = 0
+        while not self.done.wait(1.0) or seen < len(read_metrics(self.path)):
+            recs = read_metrics(self.path)
+            for r in recs[seen:]:
+                msg = f"loss={r['loss']:.4g} tok/s={r['tokens_per_s']:.0f}"
+                if bar is not None:
+                    bar.n = r["step"]
+                    bar.set_postfix_str(msg)
+                    bar.refresh()
+                else:
+                    print(f"[{self.stage}] step {r['step']}/{self.total} {msg}", flush=True)
+            seen = max(seen, len(recs)) if recs else seen
+            if self.done.is_set():
+                break
+        if bar is not None:
+            bar.close()
+
+
+def run_ray(cfg: TrainConfig, model_path: str | Path, data_path: str | Path, out: str | Path,
+            overwrite: bool = False, max_failures: int = 2, storage_path: str | None = None,
+            pid_file: str | None = None) -> dict:
+    """Train one stage with Ray Train; returns the report (also written to out/report.json)."""
+    from pipeline.data import build_dataset, localize
+
+    out = claim_out_dir(out, overwrite).resolve()
+    t0 = time.time()
+    # inputs are validated before any Ray work starts
+    rows, bad = read_rows(cfg, localize(data_path), quarantine=out / "quarantine.jsonl")
+    prepare_model(cfg, model_path)                       # refuses a wrong --model before Ray starts
+    ensure_ray()
+    import ray
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    ds = build_dataset(cfg, rows, model_path)
+    use_gpu = ray.cluster_resources().get("GPU", 0) > 0
+    scaling = ScalingConfig(num_workers=cfg.workers, use_gpu=use_gpu,
+                            resources_per_worker=None if use_gpu else {"CPU": cfg.cpus_per_worker})
+    t_fit = time.time()
+    progress = _Progress(out / "metrics.jsonl", cfg.steps, cfg.stage)
+    progress.start()
+    trainer = TorchTrainer(
+        worker_fn,
+        train_loop_config={"cfg": cfg.to_dict(), "model_path": str(Path(model_path).resolve()), "out": str(out),
+                           "pid_file": pid_file},
+        scaling_config=scaling, datasets={"train": ds},
+        run_config=RunConfig(name=f"{cfg.stage}-{int(time.time())}", storage_path=storage_path or str(out / "ray"),
+                             failure_config=FailureConfig(max_failures=max_failures),
+                             checkpoint_config=CheckpointConfig(num_to_keep=2)))
+    try:
+        result = trainer.fit()
+    finally:
+        progress.done.set()
+        progress.join(timeout=5)
+    fit_s = time.time() - t_fit
+    if result.checkpoint is None:
+        raise RuntimeError("training finished without a checkpoint")
+    with result.checkpoint.as_directory() as d:
+        state = json.loads((Path(d) / STATE_FILE).read_text())
+        if state["step"] != cfg.steps:
+            raise RuntimeError(f"last checkpoint is step {state['step']}, expected {cfg.steps}")
+        export_model(cfg, model_path, Path(d), out / "model")
+    metrics = read_metrics(out / "metrics.jsonl")
+    report = {"stage": cfg.stage, "engine": cfg.engine.kind, "zero": cfg.engine.zero, "workers": cfg.workers,
+              "model_in": str(model_path), "data": str(data_path), "steps": cfg.steps, "rows": len(rows),
+              "bad_records": bad, "seconds": round(time.time() - t0, 2), "fit_seconds": round(fit_s, 2),
+              "final": metrics[-1] if metrics else {}, "config": cfg.to_dict()}
+    write_report(out, report)
+    return report
