@@ -280,11 +280,14 @@ def build_retriever(model: str | None = None, baseline: str | None = None, backb
 def evaluate_retriever(retriever: Retriever | EncodeFn, data, config: EvalConfig = EvalConfig()) -> dict:
     """Index `data.corpus`, search its judged queries, return metrics + num_queries.
 
-    `retriever` is a `Retriever` or a plain `encode_fn(texts) -> (N, d)` normalised embeddings.
+    `retriever` is a `Retriever`, a model with `.encode(texts, batch_size=)` (e.g. `LBRModel`), or a
+    plain `encode_fn(texts) -> (N, d)` of L2-normalised embeddings.
     `data` has `.corpus` {id: {title, text}}, `.queries` {id: text}, `.qrels` {qid: {did: grade}}.
     """
     from stages.metrics import retrieval_metrics
 
+    if not isinstance(retriever, Retriever) and hasattr(retriever, "encode"):   # LBRModel, SentenceTransformer
+        retriever = DenseRetriever(lbr_encoder(retriever, config.batch_size))
     if not isinstance(retriever, Retriever):
         if not callable(retriever):
             raise TypeError(f"retriever: expected a Retriever or encode_fn, got {type(retriever).__name__}")

@@ -118,3 +118,9 @@ def test_cli_bm25_and_base_mean(tmp_path, tiny_backbone, capsys):
     res = json.loads(out.read_text())["toy"]
     assert set(res) == {"ndcg@10", "recall@100", "mrr@10", "num_queries"}
     assert res["recall@100"] == pytest.approx(1.0)           # 5 docs: all retrieved
+    from stages import LBRModel
+    from stages.readers import read_beir
+
+    model = LBRModel.from_backbone(tiny_backbone, num_bottleneck=0, pooling="last")
+    m = evaluate_retriever(model, read_beir(data))              # a model object is accepted as is
+    assert m["num_queries"] == 3 and m["recall@100"] == pytest.approx(1.0)
