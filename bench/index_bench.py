@@ -84,10 +84,10 @@ def _recall(got, exact_ids, k=10) -> float:
 
 
 def bench_index(n: int, d: int, n_queries: int, shards: int, nlist: int, nprobe: int, train_size: int,
-                work: Path) -> list[dict]:
+                work: Path, noise: float, sweep: tuple[int, ...]) -> list[dict]:
     from pipeline.index import IndexConfig, Searcher, build_index
 
-    x = clustered(n, d, n_clusters=max(64, n // 1000), seed=n)
+    x = clustered(n, d, n_clusters=max(64, n // 1000), seed=n, noise=noise)
     q = queries_from(x, n_queries, seed=1)
     ids = [f"doc-{i}" for i in range(n)]
     hashes = [f"h{i}" for i in range(n)]
@@ -108,10 +108,18 @@ def bench_index(n: int, d: int, n_queries: int, shards: int, nlist: int, nprobe:
         t_search = time.perf_counter() - t
         if exact_ids is None:
             exact_ids = [[h.id for h in g] for g in got]
-        rows.append({"n": n, "dim": d, "factory": factory, "shards": shards,
+        rows.append({"n": n, "dim": d, "noise": noise, "factory": factory, "shards": shards,
                      "nprobe": nprobe if factory != "Flat" else None, "build_s": t_build,
                      "open_verify_s": t_open, "queries": n_queries, "qps": n_queries / t_search,
                      "recall_at_10": _recall(got, exact_ids)})
+        for p in (sweep if factory != "Flat" else ()):
+            if p == nprobe:
+                continue
+            s.set_search_params(nprobe=p)
+            t = time.perf_counter()
+            got = s.search_vectors(q, 10)
+            t_search = time.perf_counter() - t
+            rows.append({**rows[-1], "nprobe": p, "qps": n_queries / t_search, "recall_at_10": _recall(got, exact_ids)})
         del s
         if factory == "Flat":
             shutil.rmtree(out)
@@ -164,6 +172,10 @@ def main(argv=None) -> int:
     p.add_argument("--queries", type=int, default=1000)
     p.add_argument("--shards", type=int, default=4)
     p.add_argument("--nprobe", type=int, default=16)
+    p.add_argument("--nprobe-sweep", default="1,4,64", help="extra nprobe values measured on the IVF index")
+    p.add_argument("--noise", type=float, default=0.35, help="cluster spread (higher = harder)")
+    p.add_argument("--hard-noise", type=float, default=0.6,
+                   help="also run the smallest size with this spread (0 = skip)")
     p.add_argument("--train-size", type=int, default=100_000)
     p.add_argument("--embed-docs", type=int, default=20000, help="0 skips the embedding benchmark")
     p.add_argument("--embed-actors", type=int, default=2)
@@ -193,14 +205,19 @@ def main(argv=None) -> int:
                   f"{e['in_process_docs_per_s']:.0f} docs/s, Ray Data ({e['ray_actors']} actors) "
                   f"{e['ray_data_docs_per_s']:.0f} docs/s, max |diff| {e['max_abs_diff']:.1e}")
         result["index"] = []
-        for n in [int(s) for s in a.sizes.split(",") if s]:
+        sizes = [int(s) for s in a.sizes.split(",") if s]
+        runs = [(n, a.noise) for n in sizes] + ([(min(sizes), a.hard_noise)] if a.hard_noise and sizes else [])
+        sweep = tuple(int(s) for s in a.nprobe_sweep.split(",") if s)
+        for n, noise in runs:
             nlist = int(2 ** round(np.log2(np.sqrt(n))))
-            result["index"] += bench_index(n, a.dim, a.queries, a.shards, nlist, a.nprobe, a.train_size, work)
+            result["index"] += bench_index(n, a.dim, a.queries, a.shards, nlist, a.nprobe, a.train_size, work,
+                                           noise, sweep)
             _dump(result, a.out)
-        print(f"\n{'n':>9} {'factory':>16} {'build s':>8} {'open s':>7} {'QPS':>9} {'recall@10':>9}")
+        print(f"\n{'n':>9} {'noise':>5} {'factory':>16} {'nprobe':>6} {'build s':>8} {'open s':>7} {'QPS':>9} "
+              f"{'recall@10':>9}")
         for r in result["index"]:
-            print(f"{r['n']:>9} {r['factory']:>16} {r['build_s']:>8.2f} {r['open_verify_s']:>7.2f} "
-                  f"{r['qps']:>9.0f} {r['recall_at_10']:>9.3f}")
+            print(f"{r['n']:>9} {r['noise']:>5} {r['factory']:>16} {r['nprobe'] or '-':>6} {r['build_s']:>8.2f} "
+                  f"{r['open_verify_s']:>7.2f} {r['qps']:>9.0f} {r['recall_at_10']:>9.3f}")
         if a.reindex_size:
             nlist = int(2 ** round(np.log2(np.sqrt(a.reindex_size))))
             emb_rate = result.get("embedding", {}).get("ray_data_docs_per_s")

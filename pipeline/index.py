@@ -437,6 +437,13 @@ class Searcher:
                                      f"with {self.manifest['model']['path']!r} (fingerprint {want}); "
                                      "query vectors would be in a different space — use that model or re-build")
 
+    def set_search_params(self, nprobe: int | None = None, ef_search: int | None = None) -> None:
+        """Change IVF nprobe / HNSW efSearch on every shard without re-opening the index."""
+        self.nprobe = nprobe or self.nprobe
+        self.ef_search = ef_search or self.ef_search
+        for idx in self._shards:
+            _set_search_params(idx, self.nprobe, self.ef_search)
+
     @property
     def encoder(self):
         if self._encoder is None:
