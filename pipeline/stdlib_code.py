@@ -140,7 +140,7 @@ def _remove_docstring(lines: list[str], fn: ast.AST) -> str:
     after = lines[last][ds.end_col_offset:]
     if after.strip().startswith(";"):
         after = after.strip()[1:]
-    if before.strip() == "" and after.strip() in ("", "#") or after.strip().startswith("#"):
+    if before.strip() == "" and (after.strip() == "" or after.strip().startswith("#")):
         del src[first - off:last - off + 1]
     else:                                   # docstring shares its line(s) with code
         src[first - off:last - off + 1] = [before.rstrip() + " " + after.strip()]
