@@ -102,14 +102,19 @@ def worker_fn(config: dict) -> None:
             _truncate_metrics(out / "metrics.jsonl", start)
         writer = MetricsWriter(out, cfg.steps, cfg.stage, progress=False, resume=bool(start), echo=False)
     gather = _gather_with_grad if (world > 1 and cfg.engine.gather_negatives and cfg.stage == "contrastive") else None
-    pid_file = config.get("pid_file")
-    if pid_file:                                         # lets the fault-tolerance test find a worker to kill
-        Path(f"{pid_file}.rank{rank}").write_text(str(os.getpid()))
+    if rank == 0:
+        with open(out / ".attempts", "a") as f:          # one line per worker-group start: restarts = lines - 1
+            f.write(f"{start}\n")
+    debug = config.get("debug") or {}
 
     def log(rec: dict) -> None:
         if writer is not None:
             writer(rec)
         ray.train.report({**rec, "stage": cfg.stage})
+        if debug.get("pause_at_step") == rec["step"] and start == 0 and rank == world - 1:
+            # fault-injection hook for the recovery test: park this worker until it is killed
+            Path(f"{config['pid_file']}.rank{rank}.paused").write_text(str(os.getpid()))
+            time.sleep(600)
 
     def checkpoint(step: int) -> None:
         with tempfile.TemporaryDirectory() as d:
@@ -192,7 +197,7 @@ class _Progress(threading.Thread):
 
 def run_ray(cfg: TrainConfig, model_path: str | Path, data_path: str | Path, out: str | Path,
             overwrite: bool = False, max_failures: int = 2, storage_path: str | None = None,
-            pid_file: str | None = None) -> dict:
+            pid_file: str | None = None, debug: dict | None = None) -> dict:
     """Train one stage with Ray Train; returns the report (also written to out/report.json)."""
     from pipeline.data import build_dataset, localize
 
@@ -216,7 +221,7 @@ def run_ray(cfg: TrainConfig, model_path: str | Path, data_path: str | Path, out
     trainer = TorchTrainer(
         worker_fn,
         train_loop_config={"cfg": cfg.to_dict(), "model_path": str(Path(model_path).resolve()), "out": str(out),
-                           "pid_file": pid_file},
+                           "pid_file": pid_file, "debug": debug},
         scaling_config=scaling, datasets={"train": ds},
         run_config=RunConfig(name=f"{cfg.stage}-{int(time.time())}", storage_path=storage_path or str(out / "ray"),
                              failure_config=FailureConfig(max_failures=max_failures),
@@ -235,9 +240,11 @@ def run_ray(cfg: TrainConfig, model_path: str | Path, data_path: str | Path, out
             raise RuntimeError(f"last checkpoint is step {state['step']}, expected {cfg.steps}")
         export_model(cfg, model_path, Path(d), out / "model")
     metrics = read_metrics(out / "metrics.jsonl")
+    attempts = (out / ".attempts").read_text().split() if (out / ".attempts").exists() else ["0"]
     report = {"stage": cfg.stage, "engine": cfg.engine.kind, "zero": cfg.engine.zero, "workers": cfg.workers,
               "model_in": str(model_path), "data": str(data_path), "steps": cfg.steps, "rows": len(rows),
               "bad_records": bad, "seconds": round(time.time() - t0, 2), "fit_seconds": round(fit_s, 2),
+              "restarts": len(attempts) - 1, "resumed_from_steps": [int(x) for x in attempts[1:]],
               "final": metrics[-1] if metrics else {}, "config": cfg.to_dict()}
     write_report(out, report)
     return report

@@ -1,0 +1,169 @@
+"""Ray Train + DeepSpeed on a real local Ray cluster (CPU, gloo): cross-worker negatives, both stages
+through jobs.train with 2 workers and ZeRO-2, and a killed worker resuming from its checkpoint."""
+import json
+import os
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from pipeline.config import load_train_config
+from stages import LBRModel
+from stages.objectives import Stage2Config, compute_loss_stage2, stage2_arrays, to_tensors
+from stages.synthetic import synthetic_retrieval
+
+pytestmark = pytest.mark.timeout(900)
+
+
+def _write_corpus(path: Path, n: int = 64) -> Path:
+    data = synthetic_retrieval(n_docs=n, n_train=n)
+    path.write_text("".join(json.dumps({"_id": k, "text": v["text"]}) + "\n" for k, v in data["corpus"].items()))
+    return path
+
+
+def _write_beir(folder: Path, n: int = 64) -> Path:
+    data = synthetic_retrieval(n_docs=n, n_train=n)
+    (folder / "qrels").mkdir(parents=True)
+    (folder / "corpus.jsonl").write_text(
+        "".join(json.dumps({"_id": k, "title": "", "text": v["text"]}) + "\n" for k, v in data["corpus"].items()))
+    (folder / "queries.jsonl").write_text(
+        "".join(json.dumps({"_id": f"q{i}", "text": q}) + "\n" for i, (q, _) in enumerate(data["train"])))
+    (folder / "qrels" / "test.tsv").write_text(
+        "query-id\tcorpus-id\tscore\n" + "".join(f"q{i}\t{d}\t1\n" for i, (_, d) in enumerate(data["train"])))
+    return folder
+
+
+# ---------------------------------------------------------------------- negatives across workers
+def _gather_loss_worker(config):
+    import ray.train
+
+    from pipeline.ray_train import _gather_with_grad
+
+    rank = ray.train.get_context().get_world_rank()
+    torch.manual_seed(0)
+    model = LBRModel.from_pretrained(config["model"])
+    cfg = Stage2Config(**config["s2"])
+    full = config["batch"]
+    half = len(full["q_ids"]) // 2
+    local = {k: torch.tensor(np.asarray(v)[rank * half:(rank + 1) * half]) for k, v in full.items()}
+    loss, parts = compute_loss_stage2(model, local, cfg, gather=_gather_with_grad, rank=rank)
+    loss.backward()
+    Path(config["out"], f"rank{rank}.json").write_text(json.dumps({"loss": float(loss), "rank": rank}))
+
+
+def test_two_worker_gathered_loss_equals_single_process_loss(ray_session, tiny_backbone, tmp_path):
+    import ray.cloudpickle
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    torch.manual_seed(0)
+    model = LBRModel.from_backbone(tiny_backbone, num_bottleneck=3)
+    model.save_pretrained(tmp_path / "m")
+    cfg = Stage2Config(lam=0.0, beta=0.0, tau=0.1, num_negatives=1)
+    data = synthetic_retrieval(n_docs=16, n_train=16)
+    docs = [v["text"] for v in data["corpus"].values()]
+    qs = [q for q, _ in data["train"][:8]]
+    arrays = stage2_arrays(model.tokenizer, qs, docs[:8], [[d] for d in docs[8:16]], cfg, fixed=True)
+    ref, _ = compute_loss_stage2(LBRModel.from_pretrained(tmp_path / "m"), to_tensors(arrays), cfg)
+
+    TorchTrainer(
+        _gather_loss_worker,
+        train_loop_config={"out": str(tmp_path), "model": str(tmp_path / "m"), "s2": {"lam": 0.0, "beta": 0.0, "tau": 0.1,
+                                                                "num_negatives": 1},
+                           "batch": {k: v.tolist() for k, v in arrays.items()}},
+        scaling_config=ScalingConfig(num_workers=2, resources_per_worker={"CPU": 0.5}),
+        run_config=RunConfig(storage_path=str(tmp_path / "ray"), name="gather")).fit()
+    rank0 = json.loads((tmp_path / "rank0.json").read_text())
+    rank1 = json.loads((tmp_path / "rank1.json").read_text())
+    # the rank-0 loss covers the first half of the queries against ALL documents (both workers')
+    model_ref = LBRModel.from_pretrained(tmp_path / "m")
+    first = {k: torch.tensor(v[:4]) for k, v in arrays.items()}
+    q = model_ref.embed_from_encoded(model_ref.encode_batch(first["q_ids"], first["q_mask"]))
+    full = to_tensors(arrays)
+    p = model_ref.embed_from_encoded(model_ref.encode_batch(full["p_ids"], full["p_mask"]))
+    n = model_ref.embed_from_encoded(model_ref.encode_batch(full["n_ids"].flatten(0, 1), full["n_mask"].flatten(0, 1)))
+    logits = q @ torch.cat([p, n]).T / 0.1
+    expect_rank0 = torch.nn.functional.cross_entropy(logits, torch.arange(4))
+    assert rank0["loss"] == pytest.approx(float(expect_rank0), abs=1e-5)
+    # the mean over the two workers is the single-process loss on the concatenated batch
+    q2 = model_ref.embed_from_encoded(model_ref.encode_batch(full["q_ids"][4:], full["q_mask"][4:]))
+    expect_rank1 = torch.nn.functional.cross_entropy(q2 @ torch.cat([p, n]).T / 0.1, torch.arange(4, 8))
+    assert rank1["loss"] == pytest.approx(float(expect_rank1), abs=1e-5)
+    assert (rank0["loss"] + rank1["loss"]) / 2 == pytest.approx(float(ref), abs=1e-5)
+
+
+# ---------------------------------------------------------------------- both stages through jobs.train
+def test_both_stages_two_workers_zero2_through_jobs_train(ray_session, tiny_backbone, tmp_path):
+    from jobs.train import main
+
+    corpus = _write_corpus(tmp_path / "corpus.jsonl")
+    beir = _write_beir(tmp_path / "beir")
+    common = ["--workers", "2", "--zero", "2", "--steps", "4", "batch_size=4", "log_every=1",
+              "optim.lr=0.003", "stage1.context_len=24", "stage1.target_len=8"]
+    assert main(["--stage", "generative", "--model", str(tiny_backbone), "--data", str(corpus),
+                 "--out", str(tmp_path / "s1")] + common) == 0
+    s1 = tmp_path / "s1"
+    m1 = LBRModel.from_pretrained(s1 / "model")
+    recs = [json.loads(x) for x in (s1 / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in recs] == [1, 2, 3, 4]
+    assert {"loss", "lm", "comp", "rate", "lr", "tokens_per_s"} <= set(recs[0])
+    assert any(p.name.startswith("events.out.tfevents") for p in (s1 / "tensorboard").iterdir())
+    report = json.loads((s1 / "report.json").read_text())
+    assert report["workers"] == 2 and report["zero"] == 2 and report["engine"] == "deepspeed"
+    # the trained weights really moved away from the backbone
+    fresh = LBRModel.from_backbone(tiny_backbone, num_bottleneck=8)
+    assert not torch.allclose(m1.lm.get_input_embeddings().weight, fresh.lm.get_input_embeddings().weight)
+
+    # stage 2 refuses a plain backbone, and --out holding a previous run
+    assert main(["--stage", "contrastive", "--model", str(tiny_backbone), "--data", str(beir),
+                 "--out", str(tmp_path / "bad")] + common) == 2
+    assert main(["--stage", "generative", "--model", str(tiny_backbone), "--data", str(corpus),
+                 "--out", str(s1)] + common) == 2
+    assert main(["--stage", "contrastive", "--model", str(s1 / "model"), "--data", str(beir),
+                 "--out", str(tmp_path / "s2")] + common) == 0
+    recs2 = [json.loads(x) for x in (tmp_path / "s2" / "metrics.jsonl").read_text().splitlines()]
+    assert len(recs2) == 4 and {"cl", "comp", "rate"} <= set(recs2[-1])
+    m2 = LBRModel.from_pretrained(tmp_path / "s2" / "model")
+    assert m2.num_bottleneck == m1.num_bottleneck
+    emb = m2.encode(["protein kinase", "return value"])
+    assert emb.shape == (2, m2.embedding_dim) and np.allclose(np.linalg.norm(emb, axis=1), 1, atol=1e-5)
+
+
+# ---------------------------------------------------------------------- fault tolerance
+def test_killed_worker_resumes_from_last_checkpoint(ray_session, tiny_backbone, tmp_path):
+    from pipeline.ray_train import run_ray
+
+    corpus = _write_corpus(tmp_path / "corpus.jsonl")
+    cfg = load_train_config(None, ["stage=generative", "steps=8", "workers=2", "batch_size=4", "log_every=1",
+                                   "checkpoint_every=3", "engine.kind=ddp", "optim.lr=0.003",
+                                   "stage1.context_len=24", "stage1.target_len=8"])
+    pid_file = tmp_path / "pid"
+    killed = {}
+
+    def killer():
+        target = Path(f"{pid_file}.rank1.paused")
+        deadline = time.time() + 400
+        while time.time() < deadline and not target.exists():
+            time.sleep(0.2)
+        if target.exists():
+            killed["pid"] = int(target.read_text())
+            os.kill(killed["pid"], signal.SIGKILL)
+
+    t = threading.Thread(target=killer, daemon=True)
+    t.start()
+    report = run_ray(cfg, tiny_backbone, corpus, tmp_path / "run", max_failures=2, pid_file=str(pid_file),
+                     debug={"pause_at_step": 5})
+    t.join(5)
+    assert "pid" in killed, "the worker was never paused for the kill"
+    recs = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    steps = [r["step"] for r in recs]
+    assert steps == list(range(1, 9)), steps                 # continued from step 3, no gap, no repeat
+    assert report["steps"] == 8 and report["final"]["step"] == 8
+    assert report["restarts"] >= 1
+    LBRModel.from_pretrained(tmp_path / "run" / "model")
