@@ -106,11 +106,21 @@ def worker_fn(config: dict) -> None:
         with open(out / ".attempts", "a") as f:          # one line per worker-group start: restarts = lines - 1
             f.write(f"{start}\n")
     debug = config.get("debug") or {}
+    evaluator = DevEvaluator(config["eval"]) if config.get("eval") else None
+    last_eval: dict = {}
 
     def log(rec: dict) -> None:
+        due = evaluator is not None and evaluator.due(rec["step"], cfg.steps)
+        if due:
+            # every rank runs the same eval (ZeRO <= 2 / DDP keep full weights on each rank), so no rank
+            # waits in a collective while another evaluates
+            last_eval.update(evaluator(model))
+            model.train()
+        rec = {**rec, **last_eval}
         if writer is not None:
             writer(rec)
-        ray.train.report({**rec, "stage": cfg.stage})
+        if due or evaluator is None or not evaluator.report_only_eval:
+            ray.train.report({**rec, "stage": cfg.stage})
         if debug.get("pause_at_step") == rec["step"] and start == 0 and rank == world - 1:
             # fault-injection hook for the recovery test: park this worker until it is killed
             Path(f"{config['pid_file']}.rank{rank}.paused").write_text(str(os.getpid()))
@@ -121,7 +131,7 @@ def worker_fn(config: dict) -> None:
             engine.save(d, step)
             if rank == 0:
                 (Path(d) / STATE_FILE).write_text(json.dumps({"step": step, "stage": cfg.stage}))
-            ray.train.report({"step": step, "checkpoint_step": step},
+            ray.train.report({"step": step, "checkpoint_step": step, **last_eval},
                              checkpoint=ray.train.Checkpoint.from_directory(d))
 
     source = shard_source(ray.train.get_dataset_shard("train"), cfg.batch_size)
@@ -131,6 +141,39 @@ def worker_fn(config: dict) -> None:
     finally:
         if writer is not None:
             writer.close()
+
+
+class DevEvaluator:
+    """nDCG@10 (and friends) on dev BEIR folders, measured inside the training run.
+
+    config: {"dev": [folders], "every": N steps, "max_corpus": int|None, "max_queries": int|None,
+    "report_only_eval": bool}. Reports `ndcg@10` (mean over folders) and `ndcg@10/<name>`.
+    """
+
+    def __init__(self, config: dict):
+        from pipeline.evaluate import EvalConfig, load_beir
+
+        dev = config["dev"]
+        self.folders = [dev] if isinstance(dev, str) else list(dev)
+        self.every = int(config.get("every", 0))
+        self.report_only_eval = bool(config.get("report_only_eval", False))
+        self.cfg = EvalConfig(max_corpus=config.get("max_corpus"), max_queries=config.get("max_queries"),
+                              batch_size=int(config.get("batch_size", 32)))
+        self.data = [load_beir(f) for f in self.folders]
+
+    def due(self, step: int, total: int) -> bool:
+        return step == total or (self.every > 0 and step % self.every == 0)
+
+    def __call__(self, model) -> dict:
+        from pipeline.evaluate import evaluate_retriever
+
+        out, scores = {}, []
+        for data in self.data:
+            m = evaluate_retriever(model, data, self.cfg)
+            out[f"ndcg@10/{data.name}"] = m["ndcg@10"]
+            scores.append(m["ndcg@10"])
+        out["ndcg@10"] = sum(scores) / len(scores)
+        return out
 
 
 def _truncate_metrics(path: Path, step: int) -> None:
@@ -197,7 +240,8 @@ class _Progress(threading.Thread):
 
 def run_ray(cfg: TrainConfig, model_path: str | Path, data_path: str | Path, out: str | Path,
             overwrite: bool = False, max_failures: int = 2, storage_path: str | None = None,
-            pid_file: str | None = None, debug: dict | None = None) -> dict:
+            pid_file: str | None = None, debug: dict | None = None, eval_config: dict | None = None,
+            run_config_kwargs: dict | None = None) -> dict:
     """Train one stage with Ray Train; returns the report (also written to out/report.json)."""
     from pipeline.data import build_dataset, localize
 
@@ -221,11 +265,13 @@ def run_ray(cfg: TrainConfig, model_path: str | Path, data_path: str | Path, out
     trainer = TorchTrainer(
         worker_fn,
         train_loop_config={"cfg": cfg.to_dict(), "model_path": str(Path(model_path).resolve()), "out": str(out),
-                           "pid_file": pid_file, "debug": debug},
+                           "pid_file": pid_file, "debug": debug, "eval": eval_config},
         scaling_config=scaling, datasets={"train": ds},
-        run_config=RunConfig(name=f"{cfg.stage}-{int(time.time())}", storage_path=storage_path or str(out / "ray"),
-                             failure_config=FailureConfig(max_failures=max_failures),
-                             checkpoint_config=CheckpointConfig(num_to_keep=2)))
+        run_config=RunConfig(**{"name": f"{cfg.stage}-{int(time.time())}",
+                                "storage_path": storage_path or str(out / "ray"),
+                                "failure_config": FailureConfig(max_failures=max_failures),
+                                "checkpoint_config": CheckpointConfig(num_to_keep=2),
+                                **(run_config_kwargs or {})}))
     try:
         result = trainer.fit()
     finally:
