@@ -207,7 +207,7 @@ def embed_to_parquet(model_ref: str | os.PathLike, ids: Sequence[str], texts: Se
     resources = {"num_gpus": 1} if use_gpu else {"num_cpus": cfg.num_cpus_per_actor}
     ds = ds.map_batches(_EncodeActor, fn_constructor_args=(str(model_ref), cfg.batch_size),
                         batch_size=cfg.batch_size * 8, batch_format="pyarrow",
-                        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=cfg.num_actors),
+                        compute=ray.data.ActorPoolStrategy(size=cfg.num_actors),
                         **resources)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
