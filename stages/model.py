@@ -32,6 +32,7 @@ from stages.io import atomic_dir, sha256_file
 POOLINGS = ("bottleneck", "last", "mean")
 CONFIG_NAME = "lbr_config.json"
 WEIGHTS_NAME = "model.safetensors"
+ST_MODULES = [{"idx": 0, "name": "0", "path": "", "type": "stages.st_module.LBRSentenceModule"}]
 
 
 @dataclass(frozen=True)
@@ -164,6 +165,8 @@ class LBRModel(nn.Module):
             (tmp / CONFIG_NAME).write_text(json.dumps(self.config.to_json(), indent=2, sort_keys=True) + "\n")
             save_model(self, str(tmp / WEIGHTS_NAME))
             self.tokenizer.save_pretrained(tmp / "tokenizer")
+            # lets `SentenceTransformer(path)` load this folder (stages/st_module.py)
+            (tmp / "modules.json").write_text(json.dumps(ST_MODULES, indent=2) + "\n")
         return Path(path)
 
     # ------------------------------------------------------------------ properties
