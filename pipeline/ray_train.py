@@ -85,6 +85,8 @@ def worker_fn(config: dict) -> None:
     if not use_cuda:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
     device = ray.train.torch.get_device() if use_cuda else torch.device("cpu")
+    if not use_cuda:                                     # torch threads = the CPUs this worker reserved
+        torch.set_num_threads(max(1, round(cfg.cpus_per_worker)))
     torch.manual_seed(cfg.seed)
     model = prepare_model(cfg, config["model_path"]).to(device)
     engine = make_engine(model, cfg, rank, world, use_cuda)
@@ -116,7 +118,7 @@ def worker_fn(config: dict) -> None:
             # waits in a collective while another evaluates
             last_eval.update(evaluator(model))
             model.train()
-        rec = {**rec, **last_eval}
+        rec = {**rec, **last_eval, "max_rss_mb": _max_rss_mb()}
         if writer is not None:
             writer(rec)
         if due or evaluator is None or not evaluator.report_only_eval:
@@ -141,6 +143,12 @@ def worker_fn(config: dict) -> None:
     finally:
         if writer is not None:
             writer.close()
+
+
+def _max_rss_mb() -> float:
+    import resource
+
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)   # Linux: KiB
 
 
 class DevEvaluator:

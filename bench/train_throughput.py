@@ -1,0 +1,106 @@
+"""Training throughput: the Ray Train + DeepSpeed job versus the plain in-process loop.
+
+Same model, batch, sequence lengths and steps. Reports tokens/s (steady state: the first logged
+interval, which holds start-up and the DeepSpeed JIT load, is excluded), Ray start-up separately,
+2 workers x 1 CPU versus 1 worker x 2 CPUs, and ZeRO-0/2/3 peak memory (max RSS) per worker.
+Writes bench/results/train_throughput.json and prints a table.
+
+    python bench/train_throughput.py [--steps 40] [--batch-size 8] [--hidden 256 --layers 4]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(ROOT / ".cache" / "torch_extensions"))
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def steady_tokens_per_s(metrics: list[dict]) -> float:
+    recs = metrics[1:] if len(metrics) > 1 else metrics
+    return sum(r["tokens_per_s"] for r in recs) / max(1, len(recs))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--steps", type=int, default=40)
+    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--hidden", type=int, default=256)
+    ap.add_argument("--layers", type=int, default=4)
+    ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "train_throughput.json"))
+    a = ap.parse_args()
+
+    from pipeline.config import load_train_config
+    from pipeline.ray_train import ensure_ray, run_ray
+    from pipeline.training import read_metrics, run_inprocess
+    from stages.synthetic import synthetic_retrieval
+    from stages.tiny import build_tiny_backbone, synthetic_corpus
+
+    tmp = Path(tempfile.mkdtemp(prefix="lbr-bench-"))
+    backbone = build_tiny_backbone(tmp / "backbone", texts=synthetic_corpus(2000), hidden_size=a.hidden,
+                                   layers=a.layers, heads=4)
+    data = synthetic_retrieval(n_docs=2000, n_train=2000, doc_words=40)
+    corpus = tmp / "corpus.jsonl"
+    corpus.write_text("".join(json.dumps({"_id": k, "text": v["text"] * 3}) + "\n" for k, v in data["corpus"].items()))
+    common = [f"steps={a.steps}", f"batch_size={a.batch_size}", "log_every=5", "stage=generative",
+              "stage1.context_len=96", "stage1.target_len=32", "model.num_bottleneck=8", "optim.lr=1e-4"]
+    rows = []
+
+    def record(name, metrics, extra=None):
+        rows.append({"run": name, "tokens_per_s": round(steady_tokens_per_s(metrics), 1),
+                     "max_rss_mb": max((r.get("max_rss_mb", 0) for r in metrics), default=None), **(extra or {})})
+        print(f"  {name}: {rows[-1]}", flush=True)
+
+    import torch
+
+    torch.set_num_threads(2)
+    cfg = load_train_config(None, common + ["engine.kind=torch"])
+    t0 = time.time()
+    run_inprocess(cfg, backbone, corpus, tmp / "inproc", overwrite=True, progress=False)
+    record("in-process torch (2 threads)", read_metrics(tmp / "inproc" / "metrics.jsonl"),
+           {"wall_s": round(time.time() - t0, 1)})
+
+    t0 = time.time()
+    ensure_ray(num_cpus=os.cpu_count())
+    ray_start = round(time.time() - t0, 2)
+    runs = [("ray+deepspeed zero2, 1 worker x 2 CPU", ["workers=1", "cpus_per_worker=2.0", "engine.zero=2"]),
+            ("ray+deepspeed zero2, 2 workers x 1 CPU", ["workers=2", "cpus_per_worker=1.0", "engine.zero=2"]),
+            ("ray+deepspeed zero0, 2 workers x 0.5 CPU", ["workers=2", "cpus_per_worker=0.5", "engine.zero=0"]),
+            ("ray+deepspeed zero2, 2 workers x 0.5 CPU", ["workers=2", "cpus_per_worker=0.5", "engine.zero=2"]),
+            ("ray+deepspeed zero3, 2 workers x 0.5 CPU", ["workers=2", "cpus_per_worker=0.5", "engine.zero=3"])]
+    for name, extra in runs:
+        cfg = load_train_config(None, common + ["engine.kind=deepspeed"] + extra)
+        t0 = time.time()
+        rep = run_ray(cfg, backbone, corpus, tmp / name.replace(" ", "_"), overwrite=True, max_failures=0)
+        # workers=2: each worker logs its own tokens; rank 0 logs rank 0's, so the job's rate is x workers
+        m = read_metrics(tmp / name.replace(" ", "_") / "metrics.jsonl")
+        for r in m:
+            r["tokens_per_s"] *= cfg.workers
+        record(name, m, {"wall_s": round(time.time() - t0, 1), "fit_s": rep["fit_seconds"]})
+
+    base = rows[0]["tokens_per_s"]
+    result = {"machine": f"{os.cpu_count()} CPUs, no GPU", "torch_threads_inprocess": 2, "ray_start_s": ray_start,
+              "model": {"hidden": a.hidden, "layers": a.layers, "bottleneck": 8},
+              "batch_size": a.batch_size, "steps": a.steps, "seq": {"context": 96, "target": 32},
+              "runs": rows, "ratio_ray_ds_1worker_vs_inprocess": round(rows[1]["tokens_per_s"] / base, 3)}
+    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(a.out).write_text(json.dumps(result, indent=2) + "\n")
+    print(f"\nRay start-up: {ray_start}s")
+    print("| run | tokens/s | vs in-process | max RSS per worker (MB) | wall s |\n|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['run']} | {r['tokens_per_s']:.0f} | {r['tokens_per_s'] / base:.2f} | {r['max_rss_mb']} | "
+              f"{r.get('wall_s')} |")
+
+
+if __name__ == "__main__":
+    main()
