@@ -416,33 +416,35 @@ def run_search(ctx: dict, resume: bool = False) -> dict:
     return summary
 
 
-def _trial_status(trial, last: dict, total: int) -> str:
-    status = getattr(trial, "status", None) if trial is not None else None
-    if status == "ERROR":
-        return "ERROR"
-    if status in ("PENDING", "RUNNING", "PAUSED") or (status is None and not last):
-        return status or "PENDING"
-    return "COMPLETED" if last.get(TIME_ATTR, 0) >= total else "STOPPED"
+def _trial_status(status: str | None, last: dict, total: int) -> str:
+    if status in ("ERROR", "PENDING", "RUNNING", "PAUSED"):
+        return status
+    if last.get(METRIC) is None:
+        return "PENDING"
+    return "COMPLETED" if (last.get(TIME_ATTR) or 0) >= total else "STOPPED"
+
+
+def _trials_of(grid) -> list[tuple[str, str | None, dict, dict]]:
+    """(trial_id, Tune status, params, last result) per trial; pending trials included."""
+    analysis = getattr(grid, "_experiment_analysis", None)
+    trials = getattr(analysis, "trials", None)
+    if trials:
+        return [(t.trial_id, t.status, dict(t.config or {}), dict(t.last_result or {})) for t in trials]
+    return [((r.metrics or {}).get("trial_id") or Path(r.path).name, "ERROR" if r.error is not None else None,
+             dict(r.config or {}), dict(r.metrics or {})) for r in grid]
 
 
 def summarize(ctx: dict, grid) -> dict:
     """trials.csv, best.yaml, trials.png from a ResultGrid."""
     out = Path(ctx["out"])
-    trials = {t.trial_id: t for t in getattr(getattr(grid, "_experiment_analysis", None), "trials", []) or []}
     total = max_t(ctx)
     rows = []
-    for res in grid:
-        last = dict(res.metrics or {})
-        trial_id = last.get("trial_id") or Path(res.path).name
-        trial = trials.get(trial_id) or next((t for t in trials.values() if str(t.path) == str(res.path)), None)
-        if trial is not None:
-            trial_id = trial.trial_id
-        params = dict(res.config or {})
+    for trial_id, tune_status, params, last in _trials_of(grid):
         cfg = trial_config(ctx, params)
         k = cfg.model.num_bottleneck if ctx["mode"] == "backbone" else _k_of(ctx["model"], cfg.model.num_bottleneck)
-        status = "ERROR" if res.error is not None else _trial_status(trial, last, total)
         rows.append({"trial_id": trial_id, "beta": cfg.stage2.beta, "num_bottleneck": k, "tau": cfg.stage2.tau,
-                     "lambda": cfg.stage2.lam, METRIC: last.get(METRIC), "status": status,
+                     "lambda": cfg.stage2.lam, METRIC: last.get(METRIC),
+                     "status": _trial_status(tune_status, last, total),
                      "stage1_beta": cfg.stage1.beta if ctx["mode"] == "backbone" else "",
                      TIME_ATTR: last.get(TIME_ATTR), "params": json.dumps(params, sort_keys=True, default=str),
                      "_cfg": cfg})
