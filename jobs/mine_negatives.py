@@ -28,6 +28,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--range-min", type=int, default=3, help="first eligible rank (1-based, inclusive)")
     p.add_argument("--range-max", type=int, default=50, help="last eligible rank (inclusive)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--max-without-negatives", type=float, default=0.0,
+                   help="fraction of queries allowed to get fewer than n negatives (left out, listed in the "
+                        "report); above it the job fails (exit 3)")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--actors", type=int, default=2)
     p.add_argument("--no-ray", action="store_true", help="embed in this process")
@@ -40,7 +43,8 @@ def main(argv=None) -> int:
         cfg = NegativeConfig(top_k=a.top_k, num_negatives=a.num_negatives, margin=a.margin,
                              range_min=a.range_min, range_max=a.range_max, seed=a.seed)
         report = mine_negatives(a.model, a.data, a.out, cfg, EmbedConfig(batch_size=a.batch_size,
-                                num_actors=a.actors), use_ray=not a.no_ray, split=a.split)
+                                num_actors=a.actors), use_ray=not a.no_ray, split=a.split,
+                                max_without=a.max_without_negatives)
     except NoNegativesError as e:
         print(f"error: {e}", file=sys.stderr)
         return 3

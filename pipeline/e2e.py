@@ -48,7 +48,12 @@ class TinySpec:
 
 @dataclass(frozen=True)
 class MiningSpec:
+    """Hard negatives are mined with the model after `warmup_steps` of in-batch stage 2 (a stage-1 model
+    does not rank yet, so its "hard" negatives would be noise), then stage 2 continues with them."""
+
     enabled: bool = True
+    warmup_steps: int = 50
+    max_without_negatives: float = 0.1
     top_k: int = 30
     num_negatives: int = 1
     margin: float = 0.05
@@ -83,12 +88,24 @@ class PipelineConfig:
     index: IndexSpec = field(default_factory=IndexSpec)
     evaluate: EvalSpec = field(default_factory=EvalSpec)
 
-    def stage_config(self, stage: str) -> TrainConfig:
-        """Validated TrainConfig for one stage (unknown keys fail here, before any work)."""
+    def stage_config(self, stage: str, warmup: bool = False) -> TrainConfig:
+        """Validated TrainConfig for one stage (unknown keys fail here, before any work).
+
+        Stage 2 with mining runs in two parts: `warmup` (in-batch negatives, mining.warmup_steps) and
+        the rest (steps - warmup_steps) on the mined hard negatives.
+        """
         extra = self.stage1 if stage == "generative" else self.stage2
         data = deep_merge(deep_merge(dict(self.train), dict(extra)), {"stage": stage, "workers": self.workers})
         if stage == "contrastive" and self.mining.enabled:
-            data = deep_merge(data, {"stage2": {"num_negatives": self.mining.num_negatives}})
+            total = int(data.get("steps", TrainConfig.steps))
+            if not 0 < self.mining.warmup_steps < total:
+                raise ValueError(f"mining.warmup_steps={self.mining.warmup_steps} must be in 1..{total - 1} "
+                                 f"(stage2.steps={total})")
+            if warmup:
+                data = deep_merge(data, {"steps": self.mining.warmup_steps})
+            else:
+                data = deep_merge(data, {"steps": total - self.mining.warmup_steps,
+                                         "stage2": {"num_negatives": self.mining.num_negatives}})
         return from_dict(TrainConfig, data, where=stage)
 
 
@@ -96,6 +113,8 @@ def load_pipeline_config(path: str | Path, overrides: list[str] | None = None) -
     cfg = from_dict(PipelineConfig, deep_merge(load_yaml(path), parse_overrides(overrides or [])))
     cfg.stage_config("generative")
     cfg.stage_config("contrastive")
+    if cfg.mining.enabled:
+        cfg.stage_config("contrastive", warmup=True)
     return cfg
 
 
@@ -187,7 +206,8 @@ def mine(cfg: PipelineConfig, model: str, train: str, out: Path) -> dict:
     m = cfg.mining
     rep = mine_negatives(model, train, out, NegativeConfig(top_k=m.top_k, num_negatives=m.num_negatives,
                                                            margin=m.margin, range_min=m.range_min,
-                                                           range_max=m.range_max))
+                                                           range_max=m.range_max),
+                         max_without=m.max_without_negatives)
     return rep.as_dict()
 
 
@@ -250,6 +270,10 @@ def plot_losses(run: Path, out: Path) -> None:
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     for ax, stage in zip(axes, ("stage1", "stage2")):
         recs = read_metrics(run / stage / "metrics.jsonl")
+        if stage == "stage2" and (run / "stage2_warmup" / "metrics.jsonl").exists():
+            warm = read_metrics(run / "stage2_warmup" / "metrics.jsonl")
+            last = warm[-1]["step"] if warm else 0
+            recs = warm + [{**r, "step": r["step"] + last} for r in recs]
         if not recs:
             continue
         steps = [r["step"] for r in recs]
@@ -313,6 +337,7 @@ def write_report(run: Path, cfg: PipelineConfig, info: dict) -> Path:
         f"- stage 1: {s1['steps']} steps on {s1['rows']} documents, final {json.dumps(s1.get('final', {}))}",
         (f"- stage 2: {s2['steps']} steps on {s2['rows']} (query, positive, negatives) rows, final "
          f"{json.dumps(s2.get('final', {}))}"),
+        f"- stage 2 warm-up before mining: {json.dumps((info.get('stage2_warmup') or {}).get('final', {}))}",
         f"- hard-negative mining: {json.dumps(info.get('mining', {}))}", "",
         "![losses](losses.png)", "",
         "## Data", "", f"```json\n{json.dumps(info['data_counts'], indent=2)}\n```", "",
@@ -333,20 +358,24 @@ def run_pipeline(cfg: PipelineConfig) -> Path:
     t0 = time.time()
     run = Path(cfg.out).resolve()
     run.mkdir(parents=True, exist_ok=True)
-    steps = Steps(7 + int(cfg.mining.enabled))
+    steps = Steps(7 + 2 * int(cfg.mining.enabled))
     data = steps.run("prepare data", prepare_data, cfg, run)
-    steps.total = 6 + int(cfg.mining.enabled) + len(data["dev"])
+    steps.total = 6 + 2 * int(cfg.mining.enabled) + len(data["dev"])
     backbone = steps.run("prepare backbone", prepare_backbone, cfg, run, data["stage1"])
     s1cfg, s2cfg = cfg.stage_config("generative"), cfg.stage_config("contrastive")
     s1 = steps.run("stage 1 (learn)", train_stage, s1cfg, backbone, data["stage1"], run / "stage1")
     stage1_model = str(run / "stage1" / "model")
-    train2, mining = data["train"], {}
+    train2, mining, start2, warm = data["train"], {}, stage1_model, None
     if cfg.mining.enabled:
+        warm = steps.run("stage 2 warm-up (in-batch negatives)", train_stage,
+                         cfg.stage_config("contrastive", warmup=True), stage1_model, data["train"],
+                         run / "stage2_warmup")
+        start2 = str(run / "stage2_warmup" / "model")
         mined = run / "mined" / "negatives.parquet"
         mined.parent.mkdir(parents=True, exist_ok=True)
-        mining = steps.run("mine hard negatives", mine, cfg, stage1_model, data["train"], mined)
+        mining = steps.run("mine hard negatives", mine, cfg, start2, data["train"], mined)
         train2 = str(mined)
-    s2 = steps.run("stage 2 (represent)", train_stage, s2cfg, stage1_model, train2, run / "stage2")
+    s2 = steps.run("stage 2 (represent)", train_stage, s2cfg, start2, train2, run / "stage2")
     final_model = str(run / "stage2" / "model")
     from stages.readers import dataset_name
 
@@ -357,7 +386,7 @@ def run_pipeline(cfg: PipelineConfig) -> Path:
         index_dirs[name] = run / "index" / name
         manifests[name] = steps.run(f"build index ({name})", build, cfg, final_model, folder, index_dirs[name])
     results = steps.run("evaluate", evaluate_all, cfg, backbone, final_model, index_dirs, data["dev"])
-    info = {"backbone": backbone, "stage1": s1, "stage2": s2, "mining": mining, "results": results,
+    info = {"backbone": backbone, "stage1": s1, "stage2": s2, "stage2_warmup": warm, "mining": mining, "results": results,
             "timings": steps.timings, "total_seconds": round(time.time() - t0, 1),
             "index": {n: {"num_docs": m["num_docs"], "shards": [s["count"] for s in m["shards"]],
                           "factory": m["factory"]} for n, m in manifests.items()},

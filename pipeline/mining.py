@@ -79,7 +79,8 @@ def mine_from_vectors(query_ids: Sequence[str], query_vecs: np.ndarray, doc_ids:
             pos_score = float(qv[qpos[q]] @ dv[pos_of[p]])
             sel = select_negatives(q, p, pos_score, ranked, scores[r].tolist(), positives, cfg)
             filtered += sel.filtered_false_negatives
-            if sel.negatives:
+            # a row needs the full n negatives: stage 2 batches them as a fixed (B, n) block
+            if len(sel.negatives) >= cfg.num_negatives:
                 got_any = True
                 rows.query_ids.append(q)
                 rows.positive_ids.append(p)
@@ -91,11 +92,18 @@ def mine_from_vectors(query_ids: Sequence[str], query_vecs: np.ndarray, doc_ids:
     return rows, report
 
 
-def check_report(report: MiningReport, cfg: NegativeConfig) -> None:
-    if report.queries_without_negatives:
+def check_report(report: MiningReport, cfg: NegativeConfig, max_without: float = 0.0) -> None:
+    """Fail when more than `max_without` (a fraction) of the queries got fewer than n negatives.
+
+    Below that bound those queries are left out of the output and listed in the report, never dropped
+    silently; the default 0.0 fails on the first one.
+    """
+    n_without = len(report.queries_without_negatives)
+    if n_without and n_without > max_without * report.queries:
         ex = ", ".join(repr(q) for q in report.queries_without_negatives[:5])
         raise NoNegativesError(
-            f"{len(report.queries_without_negatives)} of {report.queries} queries got no hard negative "
+            f"{n_without} of {report.queries} queries got fewer than {cfg.num_negatives} hard negatives "
+            f"(allowed: {max_without:.0%}) "
             f"(e.g. {ex}); {report.filtered_false_negatives} candidates were filtered as likely false "
             f"negatives. Widen the window (range_min={cfg.range_min}, range_max={cfg.range_max}), raise "
             f"top_k={cfg.top_k} or lower margin={cfg.margin}.")
@@ -142,7 +150,7 @@ def embed_queries_and_docs(model_ref: str, query_texts: Mapping[str, str], corpu
 
 def mine_negatives(model_ref: str, data_dir: str | os.PathLike, out: str | os.PathLike, cfg: NegativeConfig,
                    embed_cfg: EmbedConfig | None = None, use_ray: bool = True,
-                   split: str = "test") -> MiningReport:
+                   split: str = "test", max_without: float = 0.0) -> MiningReport:
     """BEIR folder -> mined Parquet. Raises NoNegativesError (nothing written) if a query gets none."""
     from stages.readers import read_beir
 
@@ -155,6 +163,6 @@ def mine_negatives(model_ref: str, data_dir: str | os.PathLike, out: str | os.Pa
     rows, report = mine_from_vectors(list(queries), qv, list(data.corpus), dv, data.qrels, cfg)
     report = MiningReport(**{**report.as_dict(),
                              "skipped_unknown_query": sum(1 for q in data.qrels if q not in data.queries)})
-    check_report(report, cfg)
+    check_report(report, cfg, max_without)
     write_rows(out, rows, queries, data.corpus)
     return report

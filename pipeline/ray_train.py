@@ -46,6 +46,12 @@ def ensure_ray(num_cpus: int | None = None):
         # the dashboard is required: without it Train V2 leaks placement groups between runs
         ray.init(num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1",
                  runtime_env={"env_vars": env}, configure_logging=False)
+    import sys
+
+    import ray.data
+
+    # Ray Data's progress bars are for terminals; in logs (CI, job submit) they drown the step lines
+    ray.data.DataContext.get_current().enable_progress_bars = sys.stderr.isatty()
     return ray
 
 
