@@ -108,8 +108,27 @@ def test_no_negatives_fails_loudly():
     cfg = NegativeConfig(top_k=10, margin=1.5, range_min=3, range_max=10)  # every candidate is "too close"
     _, report = mine_from_vectors(qids, qv, dids, dv, qrels, cfg)
     assert report.rows == 0 and len(report.queries_without_negatives) == 60
-    with pytest.raises(NoNegativesError, match=r"60 of 60 queries got no hard negative.*filtered"):
+    with pytest.raises(NoNegativesError, match=r"60 of 60 queries got fewer than 4 hard negatives.*filtered"):
         check_report(report, cfg)
+    with pytest.raises(NoNegativesError, match="60 of 60"):
+        check_report(report, cfg, max_without=0.5)       # a tolerance below the observed fraction still fails
+
+
+def test_bounded_fraction_without_negatives_is_reported_not_fatal():
+    qids, qv, dids, dv, qrels = _clustered()
+    cfg = NegativeConfig(top_k=10, margin=0.05, range_min=3, range_max=10)
+    rows, report = mine_from_vectors(qids, qv, dids, dv, qrels, cfg)
+    # make a few queries impossible: their only eligible candidates become "too close"
+    few = NegativeConfig(top_k=10, margin=0.05, range_min=10, range_max=10, num_negatives=1)
+    rows, report = mine_from_vectors(qids, qv, dids, dv, qrels, few)
+    n_without = len(report.queries_without_negatives)
+    assert report.rows + n_without >= report.queries and report.rows > 0
+    frac = n_without / report.queries
+    check_report(report, few, max_without=min(1.0, frac + 1e-9))          # within the bound: no error
+    assert set(report.queries_without_negatives).isdisjoint(rows.query_ids)  # left out, and listed
+    if n_without:
+        with pytest.raises(NoNegativesError):
+            check_report(report, few, max_without=frac / 2)
 
 
 def _write_beir(folder, n_queries=12):
@@ -148,4 +167,4 @@ def test_mine_job_writes_rows_and_exits_nonzero_when_nothing_survives(tmp_path, 
     bad = tmp_path / "bad.parquet"
     rc = main(["--model", "hashing:256", "--data", str(data), "--out", str(bad), "--no-ray", "--margin", "2.5"])
     assert rc == 3 and not bad.exists()
-    assert "got no hard negative" in capsys.readouterr().err
+    assert "12 of 12 queries got fewer than 4 hard negatives" in capsys.readouterr().err
