@@ -41,7 +41,6 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-
 from ray.tune import Callback
 
 from pipeline.config import TrainConfig, deep_merge, from_dict, load_yaml, parse_overrides, to_dict
@@ -370,6 +369,13 @@ def max_t(ctx: dict) -> int:
     return ctx["base"]["steps"] + (ctx["stage1_steps"] if ctx["mode"] == "backbone" else 0)
 
 
+def grace_period(ctx: dict, settings: TuneSettings) -> int:
+    """ASHA grace period in trial steps. Default: one evaluation into stage 2 — in backbone mode trials are
+    not cut on stage-1 scores alone (stage 2 can reorder them)."""
+    g = settings.grace_period or ctx["eval_every"] + (ctx["stage1_steps"] if ctx["mode"] == "backbone" else 0)
+    return max(1, min(g, max_t(ctx)))
+
+
 def _trainable(ctx: dict, trial_cpu: float):
     from ray import tune
 
@@ -398,7 +404,7 @@ def run_search(ctx: dict, resume: bool = False) -> dict:
                                    resume_unfinished=True, resume_errored=True)
     else:
         scheduler = ASHAScheduler(time_attr=TIME_ATTR, max_t=max_t(ctx),
-                                  grace_period=min(settings.grace_period or ctx["eval_every"], max_t(ctx)),
+                                  grace_period=grace_period(ctx, settings),
                                   reduction_factor=settings.reduction_factor)
         tuner = tune.Tuner(
             _trainable(ctx, plan["trial_cpu"]),
@@ -455,8 +461,7 @@ def summarize(ctx: dict, grid) -> dict:
         w = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
         w.writeheader()
         w.writerows(rows)
-    scored = [r for r in rows if r[METRIC] is not None]
-    best = max(scored, key=lambda r: r[METRIC]) if scored else None
+    best = pick_best(rows)
     if best is not None:
         header = (f"# best trial {best['trial_id']}: {METRIC}={best[METRIC]:.4f} ({best['status']}, "
                   f"step {best[TIME_ATTR]})\n# trained model: {out / 'runs' / best['trial_id'] / 'stage2' / 'model'}\n")
@@ -470,6 +475,17 @@ def summarize(ctx: dict, grid) -> dict:
             "best": {k: v for k, v in best.items() if k != "_cfg"} if best else None,
             "mode": ctx["mode"], "dropped_params": ctx.get("dropped", []),
             "complete": all(r["status"] in ("COMPLETED", "STOPPED") for r in rows)}
+
+
+def pick_best(rows: list[dict]) -> dict | None:
+    """Highest final dev nDCG@10 among trials that ran to the end; only if none did, among all scored ones.
+
+    An ASHA-stopped trial's last score is from an earlier step (in backbone mode possibly from stage 1),
+    so it does not compete with finished trials.
+    """
+    done = [r for r in rows if r["status"] == "COMPLETED" and r[METRIC] is not None]
+    pool = done or [r for r in rows if r[METRIC] is not None]
+    return max(pool, key=lambda r: r[METRIC]) if pool else None
 
 
 def _k_of(model: str, default: int) -> int:
