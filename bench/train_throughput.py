@@ -40,8 +40,9 @@ def main() -> None:
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "train_throughput.json"))
     a = ap.parse_args()
 
+    from pipeline.cluster import ensure_ray
     from pipeline.config import load_train_config
-    from pipeline.ray_train import ensure_ray, run_ray
+    from pipeline.ray_train import run_ray
     from pipeline.training import read_metrics, run_inprocess
     from stages.synthetic import synthetic_retrieval
     from stages.tiny import build_tiny_backbone, synthetic_corpus

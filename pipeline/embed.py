@@ -174,23 +174,6 @@ class _EncodeActor:
         return embeddings_table(batch.column("id").to_pylist(), vecs, [content_hash(t) for t in texts])
 
 
-def ensure_ray() -> None:
-    """Connect to the job's cluster (RAY_ADDRESS, set by `ray job submit`) or start a local one.
-
-    A local cluster gets this checkout on PYTHONPATH so actors and tasks can import `pipeline`.
-    """
-    import ray
-
-    if ray.is_initialized():
-        return
-    if os.environ.get("RAY_ADDRESS"):
-        ray.init(configure_logging=False)
-        return
-    root = str(Path(__file__).resolve().parents[1])
-    path = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH", "")) if p)
-    ray.init(configure_logging=False, runtime_env={"env_vars": {"PYTHONPATH": path}})
-
-
 def embed_to_parquet(model_ref: str | os.PathLike, ids: Sequence[str], texts: Sequence[str],
                      out_dir: str | os.PathLike, cfg: EmbedConfig = EmbedConfig()) -> Path:
     """Embed (id, text) pairs with a Ray Data actor pool; write Parquet shards (id, vector, content_hash)."""
@@ -198,6 +181,8 @@ def embed_to_parquet(model_ref: str | os.PathLike, ids: Sequence[str], texts: Se
 
     if len(ids) != len(texts):
         raise ValueError(f"{len(ids)} ids but {len(texts)} texts")
+    from pipeline.cluster import ensure_ray
+
     ensure_ray()
     use_gpu = cfg.use_gpu if cfg.use_gpu is not None else ray.cluster_resources().get("GPU", 0) > 0
     table = pa.table({"id": pa.array(list(ids), pa.string()), "text": pa.array(list(texts), pa.string())})

@@ -187,7 +187,7 @@ def _ray_enabled(cfg: IndexConfig) -> bool:
     import ray
 
     if cfg.use_ray:
-        from pipeline.embed import ensure_ray
+        from pipeline.cluster import ensure_ray
 
         ensure_ray()
     return ray.is_initialized()

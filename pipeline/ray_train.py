@@ -14,6 +14,7 @@ import threading
 import time
 from pathlib import Path
 
+from pipeline.cluster import ensure_ray
 from pipeline.config import TrainConfig, from_dict
 from pipeline.training import (
     MetricsWriter,
@@ -25,34 +26,6 @@ from pipeline.training import (
 )
 
 STATE_FILE = "trainer_state.json"
-
-
-# ---------------------------------------------------------------------- cluster
-def ensure_ray(num_cpus: int | None = None):
-    """Connect to a running cluster (RAY_ADDRESS / `ray job submit`) or start a local one."""
-    import ray
-
-    if ray.is_initialized():
-        return ray
-    repo = str(Path(__file__).resolve().parents[1])
-    env = {k: v for k, v in os.environ.items() if k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "DS_ACCELERATOR",
-                                                         "TORCH_EXTENSIONS_DIR", "OMP_NUM_THREADS", "LBR_CACHE")}
-    env.setdefault("HF_HUB_OFFLINE", "1")
-    env.setdefault("TOKENIZERS_PARALLELISM", "false")
-    env["PYTHONPATH"] = repo + os.pathsep + os.environ.get("PYTHONPATH", "")
-    if os.environ.get("RAY_ADDRESS"):
-        ray.init(address=os.environ["RAY_ADDRESS"], runtime_env={"env_vars": env}, log_to_driver=True)
-    else:
-        # the dashboard is required: without it Train V2 leaks placement groups between runs
-        ray.init(num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1",
-                 runtime_env={"env_vars": env}, configure_logging=False)
-    import sys
-
-    import ray.data
-
-    # Ray Data's progress bars are for terminals; in logs (CI, job submit) they drown the step lines
-    ray.data.DataContext.get_current().enable_progress_bars = sys.stderr.isatty()
-    return ray
 
 
 # ---------------------------------------------------------------------- worker side

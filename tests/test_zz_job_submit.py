@@ -25,6 +25,10 @@ def _free_port() -> int:
 
 
 def test_train_via_ray_job_submit_on_loopback(tiny_backbone, tmp_path):
+    import ray
+
+    # one Ray instance per machine: with two, Train V2's PlacementGroupCleaner cannot tell which to query
+    ray.shutdown()
     ray_bin = Path(sys.executable).with_name("ray")
     env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
     gcs, dash = _free_port(), _free_port()
