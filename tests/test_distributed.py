@@ -51,7 +51,7 @@ def _gather_loss_worker(config):
     full = config["batch"]
     half = len(full["q_ids"]) // 2
     local = {k: torch.tensor(np.asarray(v)[rank * half:(rank + 1) * half]) for k, v in full.items()}
-    loss, parts = compute_loss_stage2(model, local, cfg, gather=_gather_with_grad, rank=rank)
+    loss, _ = compute_loss_stage2(model, local, cfg, gather=_gather_with_grad, rank=rank)
     loss.backward()
     Path(config["out"], f"rank{rank}.json").write_text(json.dumps({"loss": float(loss), "rank": rank}))
 
@@ -141,7 +141,7 @@ def test_killed_worker_resumes_from_last_checkpoint(ray_session, tiny_backbone, 
 
     corpus = _write_corpus(tmp_path / "corpus.jsonl")
     cfg = load_train_config(None, ["stage=generative", "steps=8", "workers=2", "batch_size=4", "log_every=1",
-                                   "checkpoint_every=3", "engine.kind=ddp", "optim.lr=0.003",
+                                   "checkpoint_every=3", "engine.kind=deepspeed", "engine.zero=2", "optim.lr=0.003",
                                    "stage1.context_len=24", "stage1.target_len=8"])
     pid_file = tmp_path / "pid"
     killed = {}
@@ -167,3 +167,17 @@ def test_killed_worker_resumes_from_last_checkpoint(ray_session, tiny_backbone, 
     assert report["steps"] == 8 and report["final"]["step"] == 8
     assert report["restarts"] >= 1
     LBRModel.from_pretrained(tmp_path / "run" / "model")
+
+
+def test_data_from_a_filesystem_uri(tmp_path):
+    """`--data` accepts URIs; file:// (and any pyarrow.fs scheme) resolves to readable local files."""
+    from pipeline.data import localize
+    from stages.readers import read_beir, read_corpus
+
+    corpus = _write_corpus(tmp_path / "corpus.jsonl", n=10)
+    assert read_corpus(localize(f"file://{corpus}")) == read_corpus(corpus)
+    folder = _write_beir(tmp_path / "beir", n=10)
+    assert read_beir(localize(f"file://{folder}")).qrels == read_beir(folder).qrels
+    # a non-file scheme goes through pyarrow.fs (mock:// is pyarrow's empty in-memory filesystem)
+    with pytest.raises(FileNotFoundError):
+        localize("mock:///nothing/here.jsonl")
