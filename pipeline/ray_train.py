@@ -87,6 +87,8 @@ def worker_fn(config: dict) -> None:
         with open(out / ".attempts", "a") as f:          # one line per worker-group start: restarts = lines - 1
             f.write(f"{start}\n")
     debug = config.get("debug") or {}
+    if config.get("eval") and cfg.engine.kind == "deepspeed" and cfg.engine.zero == 3:
+        raise ValueError("in-run dev evaluation needs full weights on every rank: use engine.zero <= 2 or ddp")
     evaluator = DevEvaluator(config["eval"]) if config.get("eval") else None
     last_eval: dict = {}
 
