@@ -116,7 +116,7 @@ def chebi_halves():
     d = load_beir(DATASETS["chebi20"])
     train, corpus, queries, qrels = [], {}, {}, {}
     for qid, rel in sorted(d.qrels.items()):
-        cid = qid[1:] if qid.startswith("q") else qid
+        cid = qid.removeprefix("q")
         docs = [x for x, g in rel.items() if g >= 1 and x in d.corpus]
         if not docs or qid not in d.queries:
             continue
@@ -424,26 +424,26 @@ def main(argv=None) -> int:
 
     from stages.model import LBRModel
 
-    if "bm25" in a.methods:
-        evaluate_all("bm25", BM25Retriever)
-    if "minilm" in a.methods:
-        evaluate_all("minilm", lambda: minilm_encoder(a.eval_batch))
-    if "base" in a.methods:
-        evaluate_all("base", lambda: LBRModel.from_backbone(bb, num_bottleneck=0, pooling="mean",
-                                                           num_layers=a.num_layers, max_length=a.doc_len))
-
     runs = work / "runs"
-    order = [m for m in ("llm_cl", "lbr", "lbr_no_refine", "lbr_no_ib", "lbr_plain_lm") if m in a.methods]
-    for method in order:
-        if all(results.has(d, method) for d in sets):
-            continue
+
+    def trained(method):
         s1, extra2 = STAGE2_RUNS[method]
-        if s1 is None:
-            start = bb
-        else:
-            start = ensure_run(s1, "generative", a, STAGE1_RUNS[s1], bb, p1, runs, a.steps1, results)
+        start = bb if s1 is None else ensure_run(s1, "generative", a, STAGE1_RUNS[s1], bb, p1, runs, a.steps1,
+                                                 results)
         model_dir = ensure_run(f"s2_{method}", "contrastive", a, extra2, start, p2, runs, a.steps2, results)
-        evaluate_all(method, lambda: LBRModel.from_pretrained(model_dir))
+        return LBRModel.from_pretrained(model_dir)
+
+    makers = {
+        "bm25": BM25Retriever,
+        "minilm": lambda: minilm_encoder(a.eval_batch),
+        "base": lambda: LBRModel.from_backbone(bb, num_bottleneck=0, pooling="mean", num_layers=a.num_layers,
+                                               max_length=a.doc_len),
+    }
+    # order = priority: cheap baselines, then the head-to-head (LLM+CL vs LBR), then the ablations
+    order = [m for m in ("bm25", "minilm", "llm_cl", "lbr", "base", "lbr_no_refine", "lbr_no_ib", "lbr_plain_lm")
+             if m in a.methods]
+    for method in order:
+        evaluate_all(method, makers.get(method) or (lambda m=method: trained(m)))
 
     results.note("total_seconds_last_invocation", round(time.time() - t_all, 1))
     write_plot(results.data, out.with_suffix(".png"))
