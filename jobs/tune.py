@@ -75,7 +75,9 @@ def main(argv=None) -> int:
         print(f"best: {best['trial_id']} ndcg@10={best['ndcg@10']:.4f} -> {out}/best.yaml")
     print(f"TensorBoard: tensorboard --logdir {out}   trials: {out}/trials.csv, {out}/trials.png")
     if not summary["complete"]:
-        print(f"search interrupted: finish it with python -m jobs.tune --out {out} --resume", file=sys.stderr)
+        left = [r["trial_id"] for r in summary["trials"] if r["status"] not in ("COMPLETED", "STOPPED")]
+        print(f"search incomplete ({len(left)} trial(s) pending or failed: {', '.join(left)}); finish it with "
+              f"python -m jobs.tune --out {out} --resume", file=sys.stderr)
         return 1
     return 0
 

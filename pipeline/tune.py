@@ -281,10 +281,21 @@ def run_trial(params: dict, ctx: dict) -> None:
 
 
 class ProgressFile(Callback):
-    """Tune callback: one JSON line per finished trial in `<out>/progress.jsonl` (watchable, greppable)."""
+    """Tune callback: one JSON line per finished trial in `<out>/progress.jsonl` (watchable, greppable),
+    and the driver-side reaper of placement groups left behind by killed trials (`reap_orphan_train_pgs`)."""
 
     def __init__(self, path: str):
         self.path = path
+        self._suspects: set = set()
+        self._next = 0.0
+
+    def on_step_begin(self, iteration, trials, **info):
+        if time.time() >= self._next:
+            self._next = time.time() + 10
+            try:
+                self._suspects = reap_orphan_train_pgs(self._suspects)
+            except Exception as e:  # noqa: BLE001 (never let housekeeping break the search)
+                print(f"[tune] placement-group check skipped: {e}", flush=True)
 
     def _write(self, trial, status):
         last = trial.last_result or {}
@@ -297,6 +308,37 @@ class ProgressFile(Callback):
 
     def on_trial_error(self, iteration, trials, trial, **info):
         self._write(trial, "ERROR")
+
+
+def reap_orphan_train_pgs(suspects: set) -> set:
+    """Remove Ray Train worker placement groups whose workers are all dead (trial killed by ASHA/stop).
+
+    Train V2 leaves this to a detached PlacementGroupCleaner that asks the State API for the controller's
+    state without an address; on a host running more than one Ray instance that call fails ("Found
+    multiple active Ray instances") and every ASHA-stopped trial leaks its workers' CPUs until later
+    trials wait forever for a worker group. The driver knows its own cluster address, so it does the check:
+    a placement group of this job whose actors are all dead RayTrainWorkers, seen so on two consecutive
+    checks (>= 10 s apart), is removed. Returns the current suspects.
+    """
+    import ray
+    from ray.util.placement_group import PlacementGroup, remove_placement_group
+    from ray.util.state import list_actors, list_placement_groups
+
+    addr = ray.get_runtime_context().gcs_address
+    job = ray.get_runtime_context().get_job_id()
+    pgs = {p.placement_group_id: p for p in list_placement_groups(
+        address=addr, filters=[("state", "=", "CREATED")], limit=10000, raise_on_missing_output=False)}
+    by_pg: dict = {}
+    for a in list_actors(address=addr, detail=True, limit=100000, raise_on_missing_output=False):
+        if a.placement_group_id in pgs:
+            by_pg.setdefault(a.placement_group_id, []).append(a)
+    orphans = {pg for pg, actors in by_pg.items()
+               if pgs[pg].creator_job_id == job and all(a.state == "DEAD" for a in actors)
+               and all(a.class_name == "RayTrainWorker" for a in actors)}
+    for pg in orphans & suspects:
+        remove_placement_group(PlacementGroup(ray.PlacementGroupID(bytes.fromhex(pg))))
+        print(f"[tune] removed placement group {pg[:12]} left by a stopped trial's Ray Train workers", flush=True)
+    return orphans - suspects
 
 
 # ---------------------------------------------------------------------- driver
@@ -384,7 +426,7 @@ def _trainable(ctx: dict, trial_cpu: float):
 
 def run_search(ctx: dict, resume: bool = False) -> dict:
     """Run (or with `resume`, finish) the search described by `ctx`; write the summary files."""
-    from pipeline.ray_train import ensure_ray
+    from pipeline.cluster import ensure_ray
 
     ray = ensure_ray()
     from ray import tune
