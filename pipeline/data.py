@@ -9,6 +9,7 @@ to Ray Data with `from_items`; tokenisation — the expensive part — runs in R
 from __future__ import annotations
 
 import functools
+import random
 import shutil
 import tempfile
 from pathlib import Path
@@ -83,11 +84,14 @@ def build_dataset(cfg: TrainConfig, rows: list[dict], model_path: str | Path):
     else:
         keep = ("_id", "text")
     items = [{k: (str(r[k]) if k == "_id" else r[k]) for k in keep} for r in rows]
+    # files are often grouped (by module, source, topic): in-batch negatives from one group are not a
+    # sample of the corpus, so rows are shuffled once here (seeded) and locally again every epoch
+    random.Random(cfg.seed).shuffle(items)
     return ray.data.from_items(items).map_batches(
         _Tokenize(tokenizer_path_of(model_path), cfg), batch_format="numpy", batch_size=256, num_cpus=0.25)
 
 
-def shard_source(shard, batch_size: int):
+def shard_source(shard, batch_size: int, seed: int = 0, shuffle_buffer: int = 1024):
     """BatchSource over a worker's dataset shard: full batches only, a fresh pass per epoch.
 
     Ray Train splits with equal=True, so every worker sees the same number of rows and, with
@@ -95,7 +99,9 @@ def shard_source(shard, batch_size: int):
     rather than desynchronise the collectives.
     """
     def source(epoch: int):
-        for batch in shard.iter_torch_batches(batch_size=batch_size, drop_last=True, dtypes=None):
+        for batch in shard.iter_torch_batches(batch_size=batch_size, drop_last=True, dtypes=None,
+                                              local_shuffle_buffer_size=shuffle_buffer or None,
+                                              local_shuffle_seed=seed * 1009 + epoch):
             if len(next(iter(batch.values()))) == batch_size:
                 yield batch
     return source

@@ -117,7 +117,7 @@ def worker_fn(config: dict) -> None:
             ray.train.report({"step": step, "checkpoint_step": step, **last_eval},
                              checkpoint=ray.train.Checkpoint.from_directory(d))
 
-    source = shard_source(ray.train.get_dataset_shard("train"), cfg.batch_size)
+    source = shard_source(ray.train.get_dataset_shard("train"), cfg.batch_size, seed=cfg.seed + rank)
     try:
         train_loop(model, engine, source, cfg, start_step=start, rank=rank, device=device, gather=gather,
                    log=log, checkpoint=checkpoint)
