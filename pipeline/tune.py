@@ -290,10 +290,10 @@ class ProgressFile(Callback):
         self._next = 0.0
 
     def on_step_begin(self, iteration, trials, **info):
-        if time.time() >= self._next:
+        if time.time() >= getattr(self, "_next", 0.0):       # getattr: callbacks come back pickled on restore
             self._next = time.time() + 10
             try:
-                self._suspects = reap_orphan_train_pgs(self._suspects)
+                self._suspects = reap_orphan_train_pgs(getattr(self, "_suspects", set()))
             except Exception as e:  # noqa: BLE001 (never let housekeeping break the search)
                 print(f"[tune] placement-group check skipped: {e}", flush=True)
 
@@ -329,7 +329,7 @@ def reap_orphan_train_pgs(suspects: set) -> set:
     pgs = {p.placement_group_id: p for p in list_placement_groups(
         address=addr, filters=[("state", "=", "CREATED")], limit=10000, raise_on_missing_output=False)}
     by_pg: dict = {}
-    for a in list_actors(address=addr, detail=True, limit=100000, raise_on_missing_output=False):
+    for a in list_actors(address=addr, detail=True, limit=10000, raise_on_missing_output=False):
         if a.placement_group_id in pgs:
             by_pg.setdefault(a.placement_group_id, []).append(a)
     orphans = {pg for pg, actors in by_pg.items()
