@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import csv
 import json
-import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -51,6 +50,7 @@ METRIC = "ndcg@10"
 TIME_ATTR = "trial_step"
 EXPERIMENT = "experiment"
 STAGE1_PREFIXES = ("model.", "stage1.")
+ZERO_DRAW = "__zero"   # zero_or_loguniform: param `<name>__zero` ~ U(0,1) < p_zero turns `<name>` to 0
 KINDS = ("choice", "uniform", "loguniform", "randint", "zero_or_loguniform", "value")
 
 
@@ -127,27 +127,6 @@ def targets_of(name: str, spec: dict) -> list[str]:
     return list(spec.get("targets", [name]))
 
 
-class ZeroOrLogUniform:
-    """`beta = 0` with probability p_zero, else log-uniform in [low, high] (the IB-off corner + a log range).
-
-    A picklable callable for `tune.sample_from` (a plain `tune.choice` cannot mix a constant and a
-    distribution). Seeded per trial from the spec so searches are reproducible.
-    """
-
-    def __init__(self, low: float, high: float, p_zero: float, seed: int = 0):
-        self.low, self.high, self.p_zero, self.seed = float(low), float(high), float(p_zero), seed
-        self._n = 0
-
-    def __call__(self, spec=None) -> float:
-        import random
-
-        rng = random.Random(hash((self.seed, self._n, self.low, self.high)) & 0xFFFFFFFF)
-        self._n += 1
-        if rng.random() < self.p_zero:
-            return 0.0
-        return float(math.exp(rng.uniform(math.log(self.low), math.log(self.high))))
-
-
 def build_param_space(space: dict, seed: int = 0) -> dict:
     from ray import tune
 
@@ -168,7 +147,9 @@ def build_param_space(space: dict, seed: int = 0) -> dict:
             elif kind == "randint":
                 out[name] = tune.randint(int(lo), int(hi))
             else:
-                out[name] = tune.sample_from(ZeroOrLogUniform(lo, hi, float(_num(spec.get("p_zero", 0.2))), seed + i))
+                # two plain domains (restore-safe, any searcher): the value and the draw that switches it to 0
+                out[name] = tune.loguniform(lo, hi)
+                out[name + ZERO_DRAW] = tune.uniform(0.0, 1.0)
     return out
 
 
@@ -188,8 +169,11 @@ def trial_config(ctx: dict, params: dict, stage: str = "contrastive") -> TrainCo
     flat = {}
     for name, spec in ctx["space"].items():
         if name in params:
+            value = params[name]
+            if "zero_or_loguniform" in spec and params.get(name + ZERO_DRAW, 1.0) < float(_num(spec.get("p_zero", 0.2))):
+                value = 0.0
             for t in targets_of(name, spec):
-                flat[t] = params[name]
+                flat[t] = value
     extra: dict = {"stage": stage, "checkpoint_every": 0}
     if stage == "generative":
         extra["steps"] = ctx["stage1_steps"]
@@ -442,7 +426,9 @@ def run_search(ctx: dict, resume: bool = False) -> dict:
     if resume:
         if not tune.Tuner.can_restore(str(exp)):
             raise FileNotFoundError(f"--resume: no Tune experiment to restore in {exp}")
+        # the same space again (Tune only needs it for objects it cannot restore; harmless otherwise)
         tuner = tune.Tuner.restore(str(exp), trainable=_trainable(ctx, plan["trial_cpu"]),
+                                   param_space=build_param_space(ctx["space"], settings.seed),
                                    resume_unfinished=True, resume_errored=True)
     else:
         scheduler = ASHAScheduler(time_attr=TIME_ATTR, max_t=max_t(ctx),
@@ -488,7 +474,13 @@ def summarize(ctx: dict, grid) -> dict:
     total = max_t(ctx)
     rows = []
     for trial_id, tune_status, params, last in _trials_of(grid):
-        cfg = trial_config(ctx, params)
+        written = out / "runs" / trial_id / "config.yaml"
+        try:
+            # what the trial trained with (written at its start); else rebuilt from its params
+            cfg = from_dict(TrainConfig, yaml.safe_load(written.read_text())) if written.exists() \
+                else trial_config(ctx, params)
+        except (TypeError, ValueError):             # a trial whose params never resolved (failed to start)
+            cfg, tune_status = from_dict(TrainConfig, ctx["base"]), "ERROR"
         k = cfg.model.num_bottleneck if ctx["mode"] == "backbone" else _k_of(ctx["model"], cfg.model.num_bottleneck)
         rows.append({"trial_id": trial_id, "beta": cfg.stage2.beta, "num_bottleneck": k, "tau": cfg.stage2.tau,
                      "lambda": cfg.stage2.lam, METRIC: last.get(METRIC),
