@@ -208,7 +208,10 @@ def mine(cfg: PipelineConfig, model: str, train: str, out: Path) -> dict:
                                                            margin=m.margin, range_min=m.range_min,
                                                            range_max=m.range_max),
                          max_without=m.max_without_negatives)
-    return rep.as_dict()
+    d = rep.as_dict()
+    without = d.pop("queries_without_negatives")
+    (out.parent / "queries_without_negatives.json").write_text(json.dumps(without, indent=1) + "\n")
+    return {**d, "queries_without_negatives": len(without), "examples_without_negatives": without[:5]}
 
 
 def build(cfg: PipelineConfig, model: str, corpus: str, out: Path) -> dict:
