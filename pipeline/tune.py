@@ -550,7 +550,9 @@ def plot_trials(rows: list[dict], path: Path) -> None:
             for r, m in zip(sel, marker):
                 ax.scatter(r[key], r[METRIC], color=color, marker=m, label=f"K={k}" if r is sel[0] else None)
     betas = [r["beta"] for r in pts if r["beta"] > 0]
-    axes[0].set_xscale("symlog", linthresh=min(betas) if betas else 1e-4)
+    lin = min(betas) if betas else 1e-4
+    axes[0].set_xscale("symlog", linthresh=lin)
+    axes[0].set_xlim(left=-lin / 2)                 # beta >= 0: no negative half
     axes[0].set_xlabel("beta (stage 2; 0 = IB off)")
     axes[1].set_xscale("log")
     axes[1].set_xlabel("tau")
