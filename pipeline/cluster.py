@@ -23,7 +23,9 @@ def ensure_ray(num_cpus: int | None = None):
     env.setdefault("TOKENIZERS_PARALLELISM", "false")
     env["PYTHONPATH"] = repo + os.pathsep + os.environ.get("PYTHONPATH", "")
     if os.environ.get("RAY_ADDRESS"):
-        ray.init(address=os.environ["RAY_ADDRESS"], runtime_env={"env_vars": env}, log_to_driver=True)
+        # inside `ray job submit` (or pointed at a cluster): the job's runtime env (working_dir, env_vars)
+        # already applies, and a second runtime_env here would fail to merge with it
+        ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=True)
     else:
         # the dashboard is required: without it Train V2 leaks placement groups between runs
         ray.init(num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1",

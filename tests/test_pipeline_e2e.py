@@ -1,4 +1,8 @@
-"""The whole pipeline job on a small slice of the stdlib code domain: report.md, plots, results."""
+"""The whole pipeline job on a small slice of the stdlib code domain: report.md, plots, results.
+
+Training runs in-process here (engine.kind=torch): the Ray Train + DeepSpeed path of the same job is
+covered by tests/test_distributed.py and tests/test_zz_job_submit.py; mining and the index still go
+through Ray Data and Ray tasks."""
 import json
 import re
 from pathlib import Path
@@ -15,7 +19,7 @@ def test_pipeline_job_writes_report_with_lbr_and_baselines(ray_session, tmp_path
     overrides = [f"out={tmp_path / 'run'}", "data.max_train_pairs=300", "data.max_eval=60",
                  "data.max_stage1_records=300", "tiny.tokenizer_records=300", "tiny.vocab_size=1500",
                  "tiny.hidden_size=64", "stage1.steps=6", "stage2.steps=8", "mining.warmup_steps=4",
-                 "train.batch_size=8", "train.log_every=2", "train.cpus_per_worker=0.5",
+                 "train.batch_size=8", "train.log_every=2", "train.engine.kind=torch",
                  "evaluate.baselines=[bm25, base-mean]"]
     assert main(["--config", str(ROOT / "jobs" / "configs" / "demo.yaml")] + overrides) == 0
     last = capsys.readouterr().out.strip().splitlines()[-1]

@@ -9,6 +9,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -35,7 +36,7 @@ def test_train_via_ray_job_submit_on_loopback(tiny_backbone, tmp_path):
     head = subprocess.Popen(
         [str(ray_bin), "start", "--head", "--block", f"--port={gcs}", "--num-cpus=2", "--include-dashboard=true",
          "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", "--disable-usage-stats",
-         f"--temp-dir={tmp_path / 'ray'}"],
+         f"--temp-dir={tempfile.mkdtemp(prefix='lbrray', dir='/tmp')}"],   # short: socket paths <= 107 chars
         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     corpus = tmp_path / "corpus.jsonl"
     corpus.write_text("".join(json.dumps({"_id": f"d{i}", "text": f"protein kinase {i} binds receptor {i % 7}"}) + "\n"
