@@ -68,11 +68,16 @@ def main() -> None:
     cfg = load_train_config(None, common + ["engine.kind=torch"])
     t0 = time.time()
     run_inprocess(cfg, backbone, corpus, tmp / "inproc", overwrite=True, progress=False)
-    record("in-process torch (2 threads)", read_metrics(tmp / "inproc" / "metrics.jsonl"),
-           {"wall_s": round(time.time() - t0, 1)})
+    import resource
+
+    inproc = read_metrics(tmp / "inproc" / "metrics.jsonl")
+    for r in inproc:
+        r["max_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+    record("in-process torch (2 threads)", inproc, {"wall_s": round(time.time() - t0, 1)})
 
     t0 = time.time()
-    ensure_ray(num_cpus=os.cpu_count())
+    # logical CPUs: 1 worker x 2 CPUs on a 2-core box still needs a free CPU for Ray Data (else deadlock)
+    ensure_ray(num_cpus=(os.cpu_count() or 2) + 2)
     ray_start = round(time.time() - t0, 2)
     runs = [("ray+deepspeed zero2, 1 worker x 2 CPU", ["workers=1", "cpus_per_worker=2.0", "engine.zero=2"]),
             ("ray+deepspeed zero2, 2 workers x 1 CPU", ["workers=2", "cpus_per_worker=1.0", "engine.zero=2"]),
