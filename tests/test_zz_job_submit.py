@@ -31,7 +31,9 @@ def test_train_via_ray_job_submit_on_loopback(tiny_backbone, tmp_path):
     # one Ray instance per machine: with two, Train V2's PlacementGroupCleaner cannot tell which to query
     ray.shutdown()
     ray_bin = Path(sys.executable).with_name("ray")
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
+    # the head and the job see this venv first on PATH, as in an activated shell (make runs .venv/bin/python)
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled",
+           "PATH": str(Path(sys.executable).parent) + os.pathsep + os.environ.get("PATH", "")}
     gcs, dash = _free_port(), _free_port()
     head = subprocess.Popen(
         [str(ray_bin), "start", "--head", "--block", f"--port={gcs}", "--num-cpus=2", "--include-dashboard=true",
@@ -58,7 +60,7 @@ def test_train_via_ray_job_submit_on_loopback(tiny_backbone, tmp_path):
              "--runtime-env-json", json.dumps({"env_vars": {"HF_HUB_OFFLINE": "1", "DS_ACCELERATOR": "cpu",
                                                             "TORCH_EXTENSIONS_DIR": str(ROOT / ".cache" / "torch_extensions")},
                                                "excludes": [".venv", ".cache", "runs", ".git"]}),
-             "--", "python", "-m", "jobs.train", "--stage", "generative", "--model", str(tiny_backbone),
+             "--", sys.executable, "-m", "jobs.train", "--stage", "generative", "--model", str(tiny_backbone),
              "--data", str(corpus), "--out", str(out), "--workers", "2", "--zero", "2", "--steps", "3",
              "batch_size=4", "log_every=1", "stage1.context_len=16", "stage1.target_len=8"],
             check=False, env=env, capture_output=True, text=True, timeout=600)
