@@ -169,6 +169,15 @@ class DeepSpeedEngine:
 
     def save(self, folder: str, step: int) -> None:
         self.engine.save_checkpoint(folder, tag=self.TAG, client_state={"step": step})   # collective
+        full_fp32 = self.cfg.engine.zero < 3 and not self.engine.bfloat16_enabled()
+        if (full_fp32 or self.cfg.engine.zero == 0) and self.engine.global_rank == 0:
+            # ZeRO 0-2 in fp32 keep the full weights on every rank: export them as safetensors. ZeRO-3
+            # partitions (and bf16 runs' fp32 master weights) are merged at export by zero_to_fp32.
+            from safetensors.torch import save_file
+
+            # DeepSpeed flattens parameters into shared buffers: save independent copies
+            state = {k: v.detach().clone().contiguous() for k, v in self.module.state_dict().items()}
+            save_file(state, f"{folder}/model.safetensors")
 
     def load(self, folder: str) -> None:
         path, _ = self.engine.load_checkpoint(folder, tag=self.TAG)

@@ -176,21 +176,21 @@ def _truncate_metrics(path: Path, step: int) -> None:
 def export_model(cfg: TrainConfig, model_path: str | Path, ckpt_dir: Path, dest: Path) -> None:
     """Final checkpoint -> LBRModel folder (DeepSpeed: merge ZeRO partitions to fp32)."""
     import torch
-    from safetensors.torch import load_model
+    from safetensors.torch import load_file
 
     torch.manual_seed(cfg.seed)
     model = prepare_model(cfg, model_path)
-    if cfg.engine.kind == "deepspeed":
+    if cfg.engine.kind == "deepspeed" and not (ckpt_dir / "model.safetensors").exists():
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
         state = get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir), tag="ckpt")
         missing, unexpected = model.load_state_dict(state, strict=False)
-        missing = [m for m in missing if not m.endswith("lm_head.weight")]
-        if missing or unexpected:
-            raise RuntimeError(f"checkpoint {ckpt_dir} does not match the model: missing {missing[:5]}, "
-                               f"unexpected {unexpected[:5]}")
     else:
-        load_model(model, str(ckpt_dir / "model.safetensors"), strict=False)
+        missing, unexpected = model.load_state_dict(load_file(str(ckpt_dir / "model.safetensors")), strict=False)
+    missing = [m for m in missing if not m.endswith("lm_head.weight")]      # tied output embeddings
+    if missing or unexpected:
+        raise RuntimeError(f"checkpoint {ckpt_dir} does not match the model: missing {list(missing)[:5]}, "
+                           f"unexpected {list(unexpected)[:5]}")
     model.save_pretrained(dest)
 
 
