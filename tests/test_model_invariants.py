@@ -8,8 +8,15 @@ from pipeline.training import prepare_model
 from stages import LBRModel
 from stages.losses import comp_loss
 from stages.model import pad_right
-from stages.objectives import (Stage1Config, Stage2Config, compute_loss_stage1, compute_loss_stage2,
-                               stage1_arrays, stage2_arrays, to_tensors)
+from stages.objectives import (
+    Stage1Config,
+    Stage2Config,
+    compute_loss_stage1,
+    compute_loss_stage2,
+    stage1_arrays,
+    stage2_arrays,
+    to_tensors,
+)
 
 TEXTS = ["protein kinase receptor binding in the cell membrane", "return value of the parse function",
          "acid base salt", "the patient received a vaccine against the virus and the immune system answered"]
@@ -122,7 +129,7 @@ def test_5_stage2_starts_from_stage1_checkpoint(tiny_backbone, tmp_path):
 def test_6_beta_and_lambda_zero_turn_terms_off_exactly(model):
     model.train()
     b1 = to_tensors(stage1_arrays(model.tokenizer, TEXTS, ["a", "b", "c", "d"], Stage1Config(), fixed=True))
-    g = lambda: torch.Generator().manual_seed(3)  # noqa: E731
+    g = lambda: torch.Generator().manual_seed(3)
     l0, p0 = compute_loss_stage1(model, b1, Stage1Config(beta=0.0), generator=g())
     assert l0.item() == pytest.approx(p0["lm"] + p0["comp"], rel=1e-6)
     lb, pb = compute_loss_stage1(model, b1, Stage1Config(beta=0.5), generator=g())

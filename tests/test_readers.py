@@ -39,16 +39,16 @@ def test_good_beir_keeps_graded_relevance_and_doc_text(tmp_path):
 
 
 BAD_CASES = {
-    "invalid JSON": dict(corpus_lines=[json.dumps(GOOD_CORPUS[0]), "{not json", json.dumps(GOOD_CORPUS[1])]),
-    "missing field": dict(corpus_lines=[json.dumps(GOOD_CORPUS[0]), json.dumps({"_id": "d9", "title": "x"}),
-                                        json.dumps(GOOD_CORPUS[1])]),
-    "empty field": dict(query_lines=[json.dumps(GOOD_QUERIES[0]), json.dumps({"_id": "q3", "text": "  "}),
-                                     json.dumps(GOOD_QUERIES[1])]),
-    "wrong type": dict(corpus_lines=[json.dumps(GOOD_CORPUS[0]), json.dumps({"_id": "d7", "text": ["a", "b"]}),
-                                     json.dumps(GOOD_CORPUS[1])]),
-    "duplicate id": dict(corpus_lines=[json.dumps(GOOD_CORPUS[0]), json.dumps(GOOD_CORPUS[0]),
-                                       json.dumps(GOOD_CORPUS[1])]),
-    "unknown document": dict(qrels=["q1\td1\t2", "q1\tnope\t1", "q2\td2\t1"]),
+    "invalid JSON": {"corpus_lines": [json.dumps(GOOD_CORPUS[0]), "{not json", json.dumps(GOOD_CORPUS[1])]},
+    "missing field": {"corpus_lines": [json.dumps(GOOD_CORPUS[0]), json.dumps({"_id": "d9", "title": "x"}),
+                                        json.dumps(GOOD_CORPUS[1])]},
+    "empty field": {"query_lines": [json.dumps(GOOD_QUERIES[0]), json.dumps({"_id": "q3", "text": "  "}),
+                                     json.dumps(GOOD_QUERIES[1])]},
+    "wrong type": {"corpus_lines": [json.dumps(GOOD_CORPUS[0]), json.dumps({"_id": "d7", "text": ["a", "b"]}),
+                                     json.dumps(GOOD_CORPUS[1])]},
+    "duplicate id": {"corpus_lines": [json.dumps(GOOD_CORPUS[0]), json.dumps(GOOD_CORPUS[0]),
+                                       json.dumps(GOOD_CORPUS[1])]},
+    "unknown document": {"qrels": ["q1\td1\t2", "q1\tnope\t1", "q2\td2\t1"]},
 }
 WHERE = {"invalid JSON": ("corpus.jsonl", 2), "missing field": ("corpus.jsonl", 2),
          "empty field": ("queries.jsonl", 2), "wrong type": ("corpus.jsonl", 2),
