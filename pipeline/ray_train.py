@@ -184,10 +184,13 @@ def export_model(cfg: TrainConfig, model_path: str | Path, ckpt_dir: Path, dest:
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
         state = get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir), tag="ckpt")
-        missing, unexpected = model.load_state_dict(state, strict=False)
     else:
-        missing, unexpected = model.load_state_dict(load_file(str(ckpt_dir / "model.safetensors")), strict=False)
-    missing = [m for m in missing if not m.endswith("lm_head.weight")]      # tied output embeddings
+        state = load_file(str(ckpt_dir / "model.safetensors"))
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    # tied weights (e.g. SmolLM2's embeddings = LM head) are stored under one of their names
+    own = model.state_dict()
+    loaded = {own[k].data_ptr() for k in state if k in own}
+    missing = [m for m in missing if own[m].data_ptr() not in loaded]
     if missing or unexpected:
         raise RuntimeError(f"checkpoint {ckpt_dir} does not match the model: missing {list(missing)[:5]}, "
                            f"unexpected {list(unexpected)[:5]}")

@@ -19,7 +19,7 @@ def synthetic_corpus(n: int = 600, seed: int = 0) -> list[str]:
 
 def build_tiny_backbone(out: str | Path, texts: Iterable[str] | None = None, vocab_size: int = 1000,
                         hidden_size: int = 64, layers: int = 2, heads: int = 4, max_positions: int = 512,
-                        seed: int = 0) -> Path:
+                        seed: int = 0, tie_embeddings: bool = False) -> Path:
     """Train a byte-level BPE tokenizer on `texts` and save a random Llama with it to `out`."""
     import torch
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -41,6 +41,6 @@ def build_tiny_backbone(out: str | Path, texts: Iterable[str] | None = None, voc
     cfg = LlamaConfig(vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=2 * hidden_size,
                       num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=heads,
                       max_position_embeddings=max_positions, bos_token_id=1, eos_token_id=2, pad_token_id=3,
-                      tie_word_embeddings=False)
+                      tie_word_embeddings=tie_embeddings)
     LlamaForCausalLM(cfg).save_pretrained(out)
     return out
