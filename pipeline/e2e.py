@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 from pipeline.config import TrainConfig, deep_merge, from_dict, load_yaml, parse_overrides, to_dict
+from stages.negatives import NegativeConfig
 
 
 @dataclass(frozen=True)
@@ -47,18 +48,21 @@ class TinySpec:
 
 
 @dataclass(frozen=True)
-class MiningSpec:
-    """Hard negatives are mined with the model after `warmup_steps` of in-batch stage 2 (a stage-1 model
-    does not rank yet, so its "hard" negatives would be noise), then stage 2 continues with them."""
+class MiningSpec(NegativeConfig):
+    """The selection rule (`stages.negatives.NegativeConfig`: top_k, num_negatives, margin, window, seed)
+    plus how the pipeline runs it. Hard negatives are mined with the model after `warmup_steps` of
+    in-batch stage 2 (a stage-1 model does not rank yet, so its "hard" negatives would be noise), then
+    stage 2 continues with them."""
 
     enabled: bool = True
     warmup_steps: int = 50
     max_without_negatives: float = 0.1
     top_k: int = 30
     num_negatives: int = 1
-    margin: float = 0.05
-    range_min: int = 3
     range_max: int = 30
+
+    def selection(self) -> NegativeConfig:
+        return NegativeConfig(**{f.name: getattr(self, f.name) for f in fields(NegativeConfig)})
 
 
 @dataclass(frozen=True)
@@ -201,13 +205,8 @@ def train_stage(cfg: TrainConfig, model: str, data: str, out: Path) -> dict:
 
 def mine(cfg: PipelineConfig, model: str, train: str, out: Path) -> dict:
     from pipeline.mining import mine_negatives
-    from stages.negatives import NegativeConfig
 
-    m = cfg.mining
-    rep = mine_negatives(model, train, out, NegativeConfig(top_k=m.top_k, num_negatives=m.num_negatives,
-                                                           margin=m.margin, range_min=m.range_min,
-                                                           range_max=m.range_max),
-                         max_without=m.max_without_negatives)
+    rep = mine_negatives(model, train, out, cfg.mining.selection(), max_without=cfg.mining.max_without_negatives)
     d = rep.as_dict()
     without = d.pop("queries_without_negatives")
     (out.parent / "queries_without_negatives.json").write_text(json.dumps(without, indent=1) + "\n")
