@@ -29,9 +29,9 @@ from typing import Protocol, runtime_checkable
 
 import numpy as np
 
+from stages.readers import dataset_name  # one naming rule for BEIR folders (re-exported for jobs.evaluate)
 from stages.text import doc_text
 
-GENERIC_SPLIT_NAMES = frozenset({"dev", "test", "train", "val", "validation", "eval"})
 BASELINES = ("bm25", "minilm", "base-mean", "base-last")
 BEIR_FILES = ("corpus.jsonl", "queries.jsonl", "qrels/{split}.tsv")
 
@@ -80,12 +80,6 @@ class Retriever(Protocol):
 
 # ---------------------------------------------------------------------------------------------
 # data
-
-def dataset_name(folder: str | os.PathLike) -> str:
-    """Name reported for a BEIR folder: its name, or its parent's when the name is a split name."""
-    p = Path(folder).resolve()
-    return p.parent.name if p.name.lower() in GENERIC_SPLIT_NAMES else p.name
-
 
 def check_beir_folder(folder: str | os.PathLike, split: str = "test") -> Path:
     """Fail early, naming the missing path, when `folder` is not a BEIR folder."""

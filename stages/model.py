@@ -18,7 +18,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -365,11 +365,6 @@ def _is_tied(model: LBRModel, name: str) -> bool:
     return name.endswith("lm_head.weight") and bool(getattr(model.lm.config, "tie_word_embeddings", False))
 
 
-def trainable_parameters(model: LBRModel) -> list[nn.Parameter]:
-    """LoRA: adapters + bottleneck rows + head; full: everything."""
-    return [p for p in model.parameters() if p.requires_grad]
-
-
 def model_fingerprint(path: str | Path) -> str:
     """Stable identity of a saved model folder: sha256 over its config and weights files."""
     path = Path(path)
@@ -381,7 +376,3 @@ def model_fingerprint(path: str | Path) -> str:
         h.update(name.encode())
         h.update(sha256_file(f).encode())
     return h.hexdigest()
-
-
-def with_pooling(cfg: LBRConfig, **changes) -> LBRConfig:
-    return replace(cfg, **changes)

@@ -117,10 +117,13 @@ class BeirData:
         return [doc_text(d) for d in self.corpus.values()]
 
 
+GENERIC_SPLIT_NAMES = frozenset({"dev", "test", "train", "val", "validation", "eval"})
+
+
 def dataset_name(folder: str | os.PathLike) -> str:
     """Folder name, or the parent's when the folder is a generic split name (medquad/dev -> medquad)."""
     p = Path(folder).resolve()
-    return p.parent.name if p.name in ("dev", "test", "train", "eval", "validation") else p.name
+    return p.parent.name if p.name.lower() in GENERIC_SPLIT_NAMES else p.name
 
 
 def read_beir_corpus(path: str | os.PathLike, q: Quarantine) -> dict[str, dict]:
