@@ -14,6 +14,7 @@ from typing import Any
 
 import yaml
 
+from stages.model import ALL_LINEAR, DEFAULT_BOTTLENECK_PROMPT
 from stages.objectives import Stage1Config, Stage2Config
 
 STAGES = ("generative", "contrastive")
@@ -29,12 +30,17 @@ class ModelConfig:
     max_length: int = 256
     lora_r: int = 0
     lora_alpha: int = 32
+    lora_targets: tuple[str, ...] = ALL_LINEAR
     num_layers: int | None = None
+    head_init: str = "identity"        # identity | random (the variational head's mu at step 0)
+    bottleneck_init: str = "prompt"    # prompt | random (the K new rows at step 0)
+    bottleneck_prompt: str = DEFAULT_BOTTLENECK_PROMPT
 
 
 @dataclass(frozen=True)
 class OptimConfig:
     lr: float = 1e-4
+    new_lr: float | None = None        # lr of the new parameters (bottleneck rows, heads); None: lr
     weight_decay: float = 0.0
     warmup_steps: int = 0
     schedule: str = "linear"           # linear | cosine | constant (decay after warmup)
@@ -44,6 +50,8 @@ class OptimConfig:
     def __post_init__(self):
         if self.lr <= 0:
             raise ValueError(f"optim.lr={self.lr} must be > 0")
+        if self.new_lr is not None and self.new_lr <= 0:
+            raise ValueError(f"optim.new_lr={self.new_lr} must be > 0 (or unset: same as optim.lr)")
         if self.schedule not in ("linear", "cosine", "constant"):
             raise ValueError(f"optim.schedule={self.schedule!r} must be linear, cosine or constant")
         if self.grad_accum < 1:
@@ -90,7 +98,8 @@ class TrainConfig:
     checkpoint_every: int = 0          # 0: only at the end
     workers: int = 1
     cpus_per_worker: float = 0.5
-    baseline: str | None = None        # llm_cl: stage 2 from a plain backbone (last-token pooling)
+    baseline: str | None = None        # llm_cl: stage 2 from a plain backbone (model.pooling last|mean;
+                                       # the default "bottleneck" means last)
     model: ModelConfig = field(default_factory=ModelConfig)
     stage1: Stage1Config = field(default_factory=Stage1Config)
     stage2: Stage2Config = field(default_factory=Stage2Config)
@@ -109,6 +118,18 @@ class TrainConfig:
             raise ValueError(f"workers={self.workers} must be >= 1")
         if self.baseline not in (None, "llm_cl"):
             raise ValueError(f"baseline={self.baseline!r} must be llm_cl or unset")
+        c = self.stage2.chunk_size
+        if c and self.batch_size % c:
+            raise ValueError(f"stage2.chunk_size={c} must divide batch_size={self.batch_size} (GradCache chunks)")
+
+    def micro_steps(self) -> int:
+        """Backward passes per optimizer step: accumulation x GradCache chunks (stage 2)."""
+        c = self.stage2.chunk_size if self.stage == "contrastive" else 0
+        return self.optim.grad_accum * (self.batch_size // c if c and c < self.batch_size else 1)
+
+    def grad_cache(self) -> bool:
+        c = self.stage2.chunk_size
+        return self.stage == "contrastive" and 0 < c < self.batch_size
 
     def to_dict(self) -> dict:
         return to_dict(self)

@@ -1,8 +1,9 @@
 """Optimisation engines behind the one training loop.
 
 An engine owns the optimizer, LR schedule, clipping and gradient accumulation. The loop calls
-`backward(loss)` then `step()` once per micro-batch; the engine steps the optimizer at accumulation
-boundaries. `TorchEngine` is the plain in-process engine; the DeepSpeed engine wraps
+`backward(loss)` then `step()` once per backward pass (a micro-batch, or a GradCache chunk of one);
+the engine steps the optimizer every `cfg.micro_steps()` of them. Losses come in already divided by
+the accumulation count. `TorchEngine` is the plain in-process engine; the DeepSpeed engine wraps
 `deepspeed.initialize` with the same two calls (it already has exactly this contract).
 """
 from __future__ import annotations
@@ -29,28 +30,49 @@ def lr_lambda(cfg: OptimConfig, total_steps: int):
     return f
 
 
-def make_optimizer(params, cfg: OptimConfig) -> torch.optim.Optimizer:
+NEW_PARAM_PREFIXES = ("bottleneck", "w_mu", "w_logvar", "prompt")
+
+
+def param_groups(model: torch.nn.Module, cfg: OptimConfig) -> list[dict]:
+    """Trainable parameters in two groups: the backbone/adapters at `lr`, the new LBR parameters
+    (bottleneck rows, variational head, soft-prompt map) at `new_lr` (default: the same)."""
+    old, new = [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            (new if name.split(".")[0] in NEW_PARAM_PREFIXES else old).append(p)
+    groups = [{"params": old, "lr": cfg.lr}]
+    if new:
+        groups.append({"params": new, "lr": cfg.new_lr or cfg.lr})
+    return [g for g in groups if g["params"]]
+
+
+def make_optimizer(groups: list[dict], cfg: OptimConfig) -> torch.optim.Optimizer:
     # a torch optimizer (not DeepSpeed's fused one): no JIT build on CPU, same math everywhere
-    return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    return torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
 
 
 class TorchEngine:
-    """Plain torch: AdamW + LambdaLR + clipping + accumulation, in this process."""
+    """Plain torch: AdamW + LambdaLR + clipping + accumulation, in this process.
 
-    def __init__(self, model: torch.nn.Module, cfg: OptimConfig, total_steps: int):
+    `micro_steps` backward/step calls make one optimizer step (gradient accumulation x GradCache
+    chunks); the loop scales each loss for accumulation itself, so `backward` adds gradients as given.
+    """
+
+    def __init__(self, model: torch.nn.Module, cfg: OptimConfig, total_steps: int, micro_steps: int | None = None):
         self.module = model
         self.cfg = cfg
+        self.micro_steps = micro_steps or cfg.grad_accum
         self.params = [p for p in model.parameters() if p.requires_grad]
-        self.optimizer = make_optimizer(self.params, cfg)
+        self.optimizer = make_optimizer(param_groups(model, cfg), cfg)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(cfg, total_steps))
         self.micro = 0
 
     def backward(self, loss: torch.Tensor) -> None:
-        (loss / self.cfg.grad_accum).backward()
+        loss.backward()
 
     def step(self) -> None:
         self.micro += 1
-        if self.micro % self.cfg.grad_accum:
+        if self.micro % self.micro_steps:
             return
         if self.cfg.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(self.params, self.cfg.grad_clip)
@@ -90,10 +112,11 @@ class TorchEngine:
 class DDPEngine(TorchEngine):
     """Plain DDP (gloo on CPU, NCCL on GPU) through Ray Train's prepare_model — a config switch."""
 
-    def __init__(self, model: torch.nn.Module, cfg: OptimConfig, total_steps: int, rank: int):
+    def __init__(self, model: torch.nn.Module, cfg: OptimConfig, total_steps: int, rank: int,
+                 micro_steps: int | None = None):
         import ray.train.torch
 
-        super().__init__(model, cfg, total_steps)
+        super().__init__(model, cfg, total_steps, micro_steps)
         self.rank = rank
         self.wrapped = ray.train.torch.prepare_model(
             model, parallel_strategy_kwargs={"find_unused_parameters": True})
@@ -102,11 +125,11 @@ class DDPEngine(TorchEngine):
         return self.wrapped(*args, **kwargs)
 
     def backward(self, loss: torch.Tensor) -> None:
-        if self.micro % self.cfg.grad_accum == self.cfg.grad_accum - 1 or not hasattr(self.wrapped, "no_sync"):
-            (loss / self.cfg.grad_accum).backward()
+        if self.micro % self.micro_steps == self.micro_steps - 1 or not hasattr(self.wrapped, "no_sync"):
+            loss.backward()
         else:
             with self.wrapped.no_sync():                 # sync gradients only at the boundary
-                (loss / self.cfg.grad_accum).backward()
+                loss.backward()
 
     def save(self, folder: str, step: int) -> None:
         if self.rank == 0:
@@ -126,8 +149,9 @@ def deepspeed_config(cfg, world_size: int, use_cuda: bool) -> dict:
         if e.zero == 3:
             zero["offload_param"] = {"device": "cpu", "pin_memory": use_cuda}
     return {
-        "train_micro_batch_size_per_gpu": cfg.batch_size,
-        "gradient_accumulation_steps": o.grad_accum,
+        # one DeepSpeed micro-step per backward: accumulation x GradCache chunks
+        "train_micro_batch_size_per_gpu": cfg.batch_size * o.grad_accum // cfg.micro_steps(),
+        "gradient_accumulation_steps": cfg.micro_steps(),
         "train_batch_size": cfg.batch_size * o.grad_accum * world_size,
         "zero_optimization": zero,
         "zero_allow_untested_optimizer": True,     # a torch AdamW: no fused_adam JIT build on CPU
@@ -148,7 +172,7 @@ class DeepSpeedEngine:
 
         self.cfg = cfg
         params = [p for p in model.parameters() if p.requires_grad]
-        opt = make_optimizer(params, cfg.optim)
+        opt = make_optimizer(param_groups(model, cfg.optim), cfg.optim)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg.optim, total_steps))
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=model, optimizer=opt, lr_scheduler=sched, model_parameters=params,
@@ -159,7 +183,7 @@ class DeepSpeedEngine:
         return self.engine(*args, **kwargs)
 
     def backward(self, loss: torch.Tensor) -> None:
-        self.engine.backward(loss)
+        self.engine.backward(loss, scale_wrt_gas=False)   # the loop already scaled for accumulation
 
     def step(self) -> None:
         self.engine.step()                          # DeepSpeed steps the optimizer at accumulation boundaries

@@ -42,10 +42,10 @@ def make_engine(model, cfg: TrainConfig, rank: int, world: int, use_cuda: bool):
     if cfg.engine.kind == "deepspeed":
         return DeepSpeedEngine(model, cfg, cfg.steps, world, use_cuda)
     if cfg.engine.kind == "ddp":
-        return DDPEngine(model, cfg.optim, cfg.steps, rank)
+        return DDPEngine(model, cfg.optim, cfg.steps, rank, cfg.micro_steps())
     if world > 1:
         raise ValueError("engine.kind=torch is single-process; use deepspeed or ddp with workers > 1")
-    return TorchEngine(model, cfg.optim, cfg.steps)
+    return TorchEngine(model, cfg.optim, cfg.steps, cfg.micro_steps())
 
 
 def worker_fn(config: dict) -> None:

@@ -37,8 +37,10 @@ def prepare_model(cfg: TrainConfig, model_path: str | Path) -> LBRModel:
             if is_lbr_folder(model_path):
                 raise ValueError(f"--baseline llm_cl trains a plain backbone, but {model_path} is an LBR folder")
             m = cfg.model
-            return LBRModel.from_backbone(model_path, num_bottleneck=0, pooling="last", max_length=m.max_length,
-                                          lora_r=m.lora_r, lora_alpha=m.lora_alpha, num_layers=m.num_layers)
+            pooling = m.pooling if m.pooling in ("last", "mean") else "last"
+            return LBRModel.from_backbone(model_path, num_bottleneck=0, pooling=pooling, max_length=m.max_length,
+                                          lora_r=m.lora_r, lora_alpha=m.lora_alpha, lora_targets=m.lora_targets,
+                                          num_layers=m.num_layers)
         if not is_lbr_folder(model_path):
             raise ValueError(f"stage 2 (contrastive) needs a stage-1 output folder as --model; {model_path} is a "
                              "plain backbone. Run stage 1 first, or pass --baseline llm_cl for the LLM+CL baseline.")
@@ -48,7 +50,9 @@ def prepare_model(cfg: TrainConfig, model_path: str | Path) -> LBRModel:
     m = cfg.model
     return LBRModel.from_backbone(model_path, num_bottleneck=m.num_bottleneck, pooling=m.pooling,
                                   latent_dim=m.latent_dim, max_length=m.max_length, lora_r=m.lora_r,
-                                  lora_alpha=m.lora_alpha, num_layers=m.num_layers)
+                                  lora_alpha=m.lora_alpha, lora_targets=m.lora_targets, num_layers=m.num_layers,
+                                  head_init=m.head_init, bottleneck_init=m.bottleneck_init,
+                                  bottleneck_prompt=m.bottleneck_prompt)
 
 
 # ---------------------------------------------------------------------- rows
@@ -192,7 +196,7 @@ def run_inprocess(cfg: TrainConfig, model_path: str | Path, data_path: str | Pat
     torch.manual_seed(cfg.seed)
     rows, bad = read_rows(cfg, data_path, quarantine=out / "quarantine.jsonl")
     model = prepare_model(cfg, model_path)
-    engine = TorchEngine(model, cfg.optim, cfg.steps)
+    engine = TorchEngine(model, cfg.optim, cfg.steps, cfg.micro_steps())
     writer = MetricsWriter(out, cfg.steps, cfg.stage, progress)
 
     def checkpoint(step: int) -> None:

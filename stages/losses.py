@@ -38,3 +38,15 @@ def info_nce(q: torch.Tensor, docs: torch.Tensor, labels: torch.Tensor, tau: flo
         raise ValueError(f"temperature tau={tau} must be > 0")
     logits = q.float() @ docs.float().T / tau
     return F.cross_entropy(logits, labels)
+
+
+def bow_loss(logits: torch.Tensor, target_ids: torch.Tensor, target_mask: torch.Tensor,
+             reduction: str = "mean") -> torch.Tensor:
+    """Bag-of-words NLL (LLaRA's EBAE/EBAR): one distribution per text (B, V) must give every target token
+    high probability. mean: over all target tokens of the batch; sum: summed per-text token means."""
+    lp = torch.log_softmax(logits.float(), -1)
+    m = target_mask.to(lp.dtype)
+    nll = -(lp.gather(1, target_ids) * m)
+    if reduction == "sum":
+        return (nll.sum(1) / m.sum(1).clamp(min=1)).sum()
+    return nll.sum() / m.sum().clamp(min=1)

@@ -30,6 +30,12 @@ from stages.backbone import load_backbone
 from stages.io import atomic_dir, sha256_file
 
 POOLINGS = ("bottleneck", "last", "mean")
+HEAD_INITS = ("identity", "random")
+BOTTLENECK_INITS = ("prompt", "random")
+ALL_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+# the K bottleneck rows start as the embeddings of this text's tokens (cycled when K is larger):
+# the bottleneck then reads as a summarising continuation of the text, not as K random vectors
+DEFAULT_BOTTLENECK_PROMPT = "\nIn short, the text above is about"
 CONFIG_NAME = "lbr_config.json"
 WEIGHTS_NAME = "model.safetensors"
 ST_MODULES = [{"idx": 0, "name": "0", "path": "", "type": "stages.st_module.LBRSentenceModule"}]
@@ -46,8 +52,11 @@ class LBRConfig:
     lora_r: int = 0                        # 0: full fine-tuning
     lora_alpha: int = 32
     lora_dropout: float = 0.0
-    lora_targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")
+    lora_targets: tuple[str, ...] = ALL_LINEAR
     num_layers: int | None = None          # keep only the first N decoder layers
+    head_init: str = "identity"            # identity: mu = h_b at step 0 (not collapsed); random: old start
+    bottleneck_init: str = "prompt"        # prompt: rows = embeddings of bottleneck_prompt's tokens; random
+    bottleneck_prompt: str = DEFAULT_BOTTLENECK_PROMPT
     backbone: str = ""                     # where the backbone came from (provenance only)
     backbone_config: dict = field(default_factory=dict)
 
@@ -62,6 +71,10 @@ class LBRConfig:
             raise ValueError(f"max_length={self.max_length} must be >= 1")
         if self.lora_r < 0:
             raise ValueError(f"lora_r={self.lora_r} must be >= 0")
+        if self.head_init not in HEAD_INITS:
+            raise ValueError(f"head_init={self.head_init!r} must be one of {HEAD_INITS}")
+        if self.bottleneck_init not in BOTTLENECK_INITS:
+            raise ValueError(f"bottleneck_init={self.bottleneck_init!r} must be one of {BOTTLENECK_INITS}")
 
     def to_json(self) -> dict:
         d = asdict(self)
@@ -101,15 +114,17 @@ class LBRModel(nn.Module):
         dz = config.latent_dim or d
         k = config.num_bottleneck
         if k > 0:
-            emb = lm.get_input_embeddings().weight
-            std = float(emb.detach().float().std())
-            g = torch.Generator().manual_seed(0)
-            # new embedding rows: drawn at the scale of the existing token embeddings
-            self.bottleneck = nn.Parameter(torch.randn(k, d, generator=g) * std)
+            emb = lm.get_input_embeddings().weight.detach().float()
+            self.bottleneck = nn.Parameter(_initial_rows(emb, k, tokenizer, config))
             self.w_mu = nn.Linear(d, dz)
             self.w_logvar = nn.Linear(d, dz)
             self.prompt = nn.Linear(dz, d)        # P: each z_k becomes one soft-prompt input embedding
             with torch.no_grad():
+                if config.head_init == "identity":
+                    # mu = h_b at step 0: the bottleneck states keep the backbone's own geometry instead
+                    # of a random projection that maps every text to nearly the same vector
+                    self.w_mu.weight.copy_(torch.eye(dz, d))
+                    self.w_mu.bias.zero_()
                 self.w_logvar.weight.mul_(0.01)
                 self.w_logvar.bias.fill_(-4.0)      # start near-deterministic: small posterior variance
         self.register_buffer("_device_probe", torch.zeros(()), persistent=False)
@@ -119,17 +134,20 @@ class LBRModel(nn.Module):
     def from_backbone(cls, path: str | Path, num_bottleneck: int = 8, *, pooling: str = "bottleneck",
                       latent_dim: int | None = None, max_length: int = 256, lora_r: int = 0,
                       lora_alpha: int = 32, lora_dropout: float = 0.0,
-                      lora_targets: Sequence[str] = ("q_proj", "k_proj", "v_proj", "o_proj"),
-                      num_layers: int | None = None, gguf_file: str | None = None) -> LBRModel:
+                      lora_targets: Sequence[str] = ALL_LINEAR, num_layers: int | None = None,
+                      gguf_file: str | None = None, head_init: str = "identity", bottleneck_init: str = "prompt",
+                      bottleneck_prompt: str = DEFAULT_BOTTLENECK_PROMPT) -> LBRModel:
         """Wrap a local causal-LM backbone (folder or .gguf) as a fresh, untrained LBR model."""
         lm, tok = load_backbone(path, gguf_file=gguf_file, num_layers=num_layers)
         if pooling != "bottleneck" and num_bottleneck == 8:
             num_bottleneck = 0                      # the default K only applies to bottleneck pooling
         cfg = LBRConfig(num_bottleneck=num_bottleneck, pooling=pooling, latent_dim=latent_dim,
                         max_length=max_length, lora_r=lora_r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
-                        lora_targets=tuple(lora_targets), num_layers=num_layers, backbone=str(path),
+                        lora_targets=tuple(lora_targets), num_layers=num_layers, head_init=head_init,
+                        bottleneck_init=bottleneck_init, bottleneck_prompt=bottleneck_prompt, backbone=str(path),
                         backbone_config=lm.config.to_dict())
-        return cls(_maybe_lora(lm, cfg), _prepare_tokenizer(tok), cfg)
+        tok = _prepare_tokenizer(tok)
+        return cls(_maybe_lora(lm, cfg), tok, cfg)
 
     @classmethod
     def from_pretrained(cls, path: str | Path) -> LBRModel:
@@ -211,11 +229,14 @@ class LBRModel(nn.Module):
 
     # ------------------------------------------------------------------ encode pass
     def encode_batch(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, sample: bool = False,
-                     with_lm_logits: bool = False, generator: torch.Generator | None = None) -> Encoded:
+                     with_lm_logits: bool = False, generator: torch.Generator | None = None,
+                     eps: torch.Tensor | None = None) -> Encoded:
         """Run the encode pass on right-padded token ids (B, L) with their mask.
 
         Text tokens first, then (bottleneck pooling) the K bottleneck rows right after each row's last
         real token, then padding. The ordinary causal mask plus the padding mask is all the LM sees.
+        `eps` (B, K, dz), when given, is the reparameterisation noise used when `sample` (GradCache draws
+        it once per batch and slices it per chunk).
         """
         b, seq = input_ids.shape
         k = self.num_bottleneck
@@ -249,8 +270,10 @@ class LBRModel(nn.Module):
             out.mu = self.w_mu(h_b)
             out.logvar = self.w_logvar(h_b).clamp(-20.0, 10.0)
             if sample:
-                eps = torch.randn(out.mu.shape, generator=generator, device=out.mu.device, dtype=out.mu.dtype) \
-                    if generator is not None else torch.randn_like(out.mu)
+                if eps is None:
+                    eps = torch.randn(out.mu.shape, generator=generator, device=out.mu.device, dtype=out.mu.dtype) \
+                        if generator is not None else torch.randn_like(out.mu)
+                eps = eps.to(out.mu.dtype)
                 out.z = out.mu + torch.exp(0.5 * out.logvar) * eps
             else:
                 out.z = out.mu
@@ -284,6 +307,17 @@ class LBRModel(nn.Module):
         hidden = self.decoder()(inputs_embeds=embeds, attention_mask=mask, position_ids=position_ids,
                                 use_cache=False).last_hidden_state
         return self.lm_head()(hidden[:, k - 1: k - 1 + t])
+
+    def bow_logits(self, z: torch.Tensor) -> torch.Tensor:
+        """(B, K, dz) -> (B, V): the LM head read on mean_k z_k (LLaRA's EBAE readout, no second forward).
+
+        With the identity head this is the LM's own next-token distribution at the bottleneck; the
+        bag-of-words loss on it forces the text's content through z at the cost of one matmul.
+        """
+        zbar = z.mean(1)
+        if zbar.size(-1) != self.hidden_size:
+            zbar = self.prompt(zbar)
+        return self.lm_head()(zbar.to(self.bottleneck.dtype))
 
     # ------------------------------------------------------------------ inference
     def tokenize(self, texts: Sequence[str], max_length: int | None = None) -> list[list[int]]:
@@ -340,6 +374,18 @@ def pad_right(seqs: Sequence[Sequence[int]], pad: int, length: int | None = None
         ids[i, : len(s)] = torch.tensor(s, dtype=torch.long)
         mask[i, : len(s)] = 1
     return ids, mask
+
+
+def _initial_rows(emb: torch.Tensor, k: int, tokenizer, config: LBRConfig) -> torch.Tensor:
+    """The K new bottleneck rows at construction (from_pretrained overwrites them with saved weights)."""
+    d = emb.size(1)
+    if config.bottleneck_init == "prompt" and tokenizer is not None and config.bottleneck_prompt:
+        ids = tokenizer(config.bottleneck_prompt, add_special_tokens=False)["input_ids"]
+        ids = [i for i in ids if 0 <= i < emb.size(0)]
+        if ids:
+            return torch.stack([emb[ids[j % len(ids)]] for j in range(k)]).clone()
+    g = torch.Generator().manual_seed(0)
+    return torch.randn(k, d, generator=g) * float(emb.std())   # at the scale of the token embeddings
 
 
 def _prepare_tokenizer(tok):

@@ -14,10 +14,11 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from stages.losses import comp_loss, info_nce, lm_loss, rate_loss
+from stages.losses import bow_loss, comp_loss, info_nce, lm_loss, rate_loss
 from stages.model import LBRModel, pad_id
 
 TASKS = ("continue", "reconstruct", "mixed")
+COMPS = ("decode", "bow")
 
 
 @dataclass(frozen=True)
@@ -25,9 +26,13 @@ class Stage1Config:
     """Stage 1 ("learn"): L_lm + comp_weight * L_comp + beta * L_rate.
 
     objective="lm" is the plain-LM ablation: only L_lm, the bottleneck is not trained.
+    comp="decode": L_comp = NLL of the target decoded from the soft prompts P(z) (a second forward);
+    comp="bow": L_comp = bag-of-words NLL of the target's tokens read from z through the LM head (EBAE;
+    no second forward).
     """
 
     objective: str = "ib"           # ib | lm
+    comp: str = "decode"            # decode | bow
     task: str = "mixed"             # continue | reconstruct | mixed  (ours)
     beta: float = 0.01              # bottleneck strength
     lm_weight: float = 1.0
@@ -40,6 +45,8 @@ class Stage1Config:
             raise ValueError(f"stage1.objective={self.objective!r} must be 'ib' or 'lm'")
         if self.task not in TASKS:
             raise ValueError(f"stage1.task={self.task!r} must be one of {TASKS}")
+        if self.comp not in COMPS:
+            raise ValueError(f"stage1.comp={self.comp!r} must be one of {COMPS}")
         for name in ("beta", "lm_weight", "comp_weight"):
             if getattr(self, name) < 0:
                 raise ValueError(f"stage1.{name}={getattr(self, name)} must be >= 0")
@@ -59,10 +66,16 @@ class Stage2Config:
     doc_len: int = 128
     target_len: int = 32            # tokens of the positive reconstructed from its z
     num_negatives: int = 0          # hard negatives per query taken from the data (0: in-batch only)
+    refine: str = "decode"          # decode | bow: the form of L_comp on the positives (as stage1.comp)
+    chunk_size: int = 0             # GradCache: embed in chunks of this many rows (0: plain, one pass)
 
     def __post_init__(self):
         if self.tau <= 0:
             raise ValueError(f"stage2.tau={self.tau} must be > 0")
+        if self.refine not in COMPS:
+            raise ValueError(f"stage2.refine={self.refine!r} must be one of {COMPS}")
+        if self.chunk_size < 0:
+            raise ValueError(f"stage2.chunk_size={self.chunk_size} must be >= 0 (0 turns GradCache off)")
         for name in ("lam", "beta"):
             if getattr(self, name) < 0:
                 raise ValueError(f"stage2.{name}={getattr(self, name)} must be >= 0")
@@ -173,7 +186,7 @@ def compute_loss_stage1(model: LBRModel, batch: dict[str, torch.Tensor], cfg: St
         total = total + cfg.lm_weight * parts["lm"]
     if ib:
         t_ids, t_mask = trim(batch["target_ids"], batch["target_mask"])
-        parts["comp"] = comp_loss(model.decode_logits(enc.z, t_ids, t_mask), t_ids, t_mask)
+        parts["comp"] = _comp(model, enc.z, t_ids, t_mask, cfg.comp)
         total = total + cfg.comp_weight * parts["comp"]
         parts["rate"] = rate_loss(enc.mu, enc.logvar)
         if cfg.beta > 0:
@@ -181,7 +194,58 @@ def compute_loss_stage1(model: LBRModel, batch: dict[str, torch.Tensor], cfg: St
     return total, {k: float(v.detach()) for k, v in parts.items()}
 
 
+def _comp(model: LBRModel, z: torch.Tensor, t_ids: torch.Tensor, t_mask: torch.Tensor, form: str) -> torch.Tensor:
+    """L_comp in either form: decode t from P(z) (second forward), or bag-of-words of t from z (EBAE)."""
+    if form == "bow":
+        return bow_loss(model.bow_logits(z), t_ids, t_mask)
+    return comp_loss(model.decode_logits(z, t_ids, t_mask), t_ids, t_mask)
+
+
 Gather = Callable[[torch.Tensor], torch.Tensor]
+
+
+def _stage2_inputs(batch: dict[str, torch.Tensor]):
+    """Trimmed (queries, positives, flattened negatives or None) as (ids, mask) pairs."""
+    q = trim(batch["q_ids"], batch["q_mask"])
+    p = trim(batch["p_ids"], batch["p_mask"])
+    n = None
+    if "n_ids" in batch and batch["n_ids"].numel():
+        n = trim(batch["n_ids"].flatten(0, 1), batch["n_mask"].flatten(0, 1))
+    return q, p, n
+
+
+def _draw_eps(model: LBRModel, rows: int, like: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    """The positives' reparameterisation noise for the whole batch, drawn once (GradCache slices it)."""
+    shape = (rows, model.num_bottleneck, model.embedding_dim)
+    if generator is not None:
+        return torch.randn(shape, generator=generator, device=like.device)
+    return torch.randn(shape, device=like.device)
+
+
+def _cl(q: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor | None, cfg: Stage2Config,
+        gather: Gather | None, rank: int) -> torch.Tensor:
+    """InfoNCE of the local queries against positives (+ hard negatives), gathered across workers."""
+    bsz = q.size(0)
+    labels = torch.arange(bsz, device=q.device)
+    if gather is not None:
+        # positives of all workers first, then all hard negatives: keep the positive block contiguous
+        pos = gather(pos)
+        neg = gather(neg) if neg is not None else None
+        labels = labels + rank * bsz
+    d = torch.cat([pos] + ([neg] if neg is not None else []), 0)
+    return info_nce(q, d, labels, cfg.tau)
+
+
+def _refine_terms(model: LBRModel, encs: list, p_enc, p_ids: torch.Tensor, p_mask: torch.Tensor,
+                  cfg: Stage2Config) -> dict[str, torch.Tensor]:
+    """lam-term (L_comp on the positives) and the rate term, as plain means over this set of rows."""
+    parts: dict[str, torch.Tensor] = {}
+    if cfg.lam > 0:
+        t_ids, t_mask = p_ids[:, : cfg.target_len], p_mask[:, : cfg.target_len]
+        parts["comp"] = _comp(model, p_enc.z, t_ids, t_mask, cfg.refine)
+    parts["rate"] = rate_loss(torch.cat([e.mu.flatten(0, 1) for e in encs]),
+                              torch.cat([e.logvar.flatten(0, 1) for e in encs]))
+    return parts
 
 
 def compute_loss_stage2(model: LBRModel, batch: dict[str, torch.Tensor], cfg: Stage2Config,
@@ -192,37 +256,106 @@ def compute_loss_stage2(model: LBRModel, batch: dict[str, torch.Tensor], cfg: St
     `gather`, when given, concatenates a tensor across workers *with* gradient (rank-major order); the
     labels are then offset by `rank * local_batch`, so every query sees every worker's documents.
     """
-    q_ids, q_mask = trim(batch["q_ids"], batch["q_mask"])
-    p_ids, p_mask = trim(batch["p_ids"], batch["p_mask"])
-    bsz = q_ids.size(0)
+    (q_ids, q_mask), (p_ids, p_mask), n = _stage2_inputs(batch)
     bott = model.num_bottleneck > 0
+    sample = bott and cfg.lam > 0
+    eps = _draw_eps(model, p_ids.size(0), p_ids, generator) if sample else None
     q_enc = model.encode_batch(q_ids, q_mask)
-    p_enc = model.encode_batch(p_ids, p_mask, sample=bott and cfg.lam > 0, generator=generator)
-    q = model.embed_from_encoded(q_enc)
-    docs = [model.embed_from_encoded(p_enc)]
+    p_enc = model.encode_batch(p_ids, p_mask, sample=sample, eps=eps)
     encs = [q_enc, p_enc]
-    if "n_ids" in batch and batch["n_ids"].numel():
-        n_ids, n_mask = trim(batch["n_ids"].flatten(0, 1), batch["n_mask"].flatten(0, 1))
-        n_enc = model.encode_batch(n_ids, n_mask)
-        docs.append(model.embed_from_encoded(n_enc))
+    neg = None
+    if n is not None:
+        n_enc = model.encode_batch(*n)
+        neg = model.embed_from_encoded(n_enc)
         encs.append(n_enc)
-    d = torch.cat(docs, 0)
-    labels = torch.arange(bsz, device=q.device)
-    if gather is not None:
-        # positives of all workers first, then all hard negatives: keep the positive block contiguous
-        pos_all = gather(docs[0])
-        neg_all = gather(docs[1]) if len(docs) > 1 else None
-        d = torch.cat([pos_all] + ([neg_all] if neg_all is not None else []), 0)
-        labels = labels + rank * bsz
-    parts = {"cl": info_nce(q, d, labels, cfg.tau)}
+    parts = {"cl": _cl(model.embed_from_encoded(q_enc), model.embed_from_encoded(p_enc), neg, cfg, gather, rank)}
     total = parts["cl"]
     if bott:
-        if cfg.lam > 0:
-            t_ids, t_mask = p_ids[:, : cfg.target_len], p_mask[:, : cfg.target_len]
-            parts["comp"] = comp_loss(model.decode_logits(p_enc.z, t_ids, t_mask), t_ids, t_mask)
+        parts.update(_refine_terms(model, encs, p_enc, p_ids, p_mask, cfg))
+        if "comp" in parts:
             total = total + cfg.lam * parts["comp"]
-        parts["rate"] = rate_loss(torch.cat([e.mu.flatten(0, 1) for e in encs]),
-                                  torch.cat([e.logvar.flatten(0, 1) for e in encs]))
         if cfg.beta > 0:
             total = total + cfg.beta * parts["rate"]
     return total, {k: float(v.detach()) for k, v in parts.items()}
+
+
+# ---------------------------------------------------------------------- GradCache (stage 2)
+def _embed_rows(model: LBRModel, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    ids, mask = trim(ids, mask)
+    return model.embed_from_encoded(model.encode_batch(ids, mask))
+
+
+def _chunk_surrogate(model: LBRModel, q: tuple, p: tuple, n: tuple | None, grads: tuple, eps, cfg: Stage2Config,
+                     weights: dict[str, float]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """One chunk's re-encode with gradient: <emb, cached dL/demb> plus its weighted share of the
+    per-row terms (refinement and rate), so the chunks' gradients sum to the full batch's exactly."""
+    q_ids, q_mask = trim(*q)
+    p_ids, p_mask = trim(*p)
+    q_enc = model.encode_batch(q_ids, q_mask)
+    p_enc = model.encode_batch(p_ids, p_mask, sample=eps is not None, eps=eps)
+    sur = (model.embed_from_encoded(q_enc) * grads[0]).sum() + (model.embed_from_encoded(p_enc) * grads[1]).sum()
+    encs = [q_enc, p_enc]
+    if n is not None:
+        n_enc = model.encode_batch(*trim(*n))
+        sur = sur + (model.embed_from_encoded(n_enc) * grads[2]).sum()
+        encs.append(n_enc)
+    parts: dict[str, torch.Tensor] = {}
+    if model.num_bottleneck > 0:
+        raw = _refine_terms(model, encs, p_enc, p_ids, p_mask, cfg)
+        if "comp" in raw:
+            parts["comp"] = raw["comp"] * weights["comp"]
+            sur = sur + cfg.lam * parts["comp"]
+        parts["rate"] = raw["rate"] * weights["rate"]
+        if cfg.beta > 0:
+            sur = sur + cfg.beta * parts["rate"]
+    return sur, parts
+
+
+def grad_cache_stage2(model: LBRModel, forward: Callable, backward: Callable[[torch.Tensor], None], batch: dict[str, torch.Tensor],
+                      cfg: Stage2Config, gather: Gather | None = None, rank: int = 0,
+                      generator: torch.Generator | None = None) -> tuple[torch.Tensor, dict[str, float]]:
+    """Stage 2 with cached gradients (Gao et al., GradCache): same loss and gradients as
+    `compute_loss_stage2` on the whole batch, with activations held for one chunk of rows at a time.
+
+    1. embed every row without a graph, in chunks; 2. InfoNCE on the full batch (gathered across workers
+    as usual) with the embeddings as leaves -> dL/demb; 3. per chunk, re-encode with a graph and
+    backpropagate <emb, dL/demb> + the chunk's share of the per-row terms. `forward(fn, *args)` runs
+    `fn(model, *args)` through the engine's module call (DDP/ZeRO hooks); `backward(loss)` is called once
+    per chunk. `model` is the unwrapped LBRModel (shapes only). Returns the full loss (detached) and its parts.
+    """
+    (q_ids, q_mask), (p_ids, p_mask), n = _stage2_inputs(batch)
+    bsz, c = q_ids.size(0), cfg.chunk_size
+    nneg = n[0].size(0) // bsz if n is not None else 0
+    starts = list(range(0, bsz, c))
+
+    def rows(t: tuple, a: int, b: int, per: int = 1) -> tuple:
+        return t[0][a * per: b * per], t[1][a * per: b * per]
+
+    with torch.no_grad():
+        qe = torch.cat([forward(_embed_rows, *rows((q_ids, q_mask), a, a + c)) for a in starts])
+        pe = torch.cat([forward(_embed_rows, *rows((p_ids, p_mask), a, a + c)) for a in starts])
+        ne = torch.cat([forward(_embed_rows, *rows(n, a, a + c, nneg)) for a in starts]) if n is not None else None
+    leaves = [x.detach().requires_grad_(True) for x in (qe, pe) + ((ne,) if ne is not None else ())]
+    cl = _cl(leaves[0], leaves[1], leaves[2] if ne is not None else None, cfg, gather, rank)
+    grads = torch.autograd.grad(cl, leaves)
+
+    bott = model.num_bottleneck > 0
+    eps = _draw_eps(model, bsz, p_ids, generator) if bott and cfg.lam > 0 else None
+    t_mask = p_mask[:, : cfg.target_len]
+    total_t = float(t_mask.sum())
+    total_rows = bsz * (2 + nneg)
+    sums: dict[str, float] = {}
+    for a in starts:
+        b = min(a + c, bsz)
+        w = {"comp": float(t_mask[a:b].sum()) / max(total_t, 1.0), "rate": (b - a) * (2 + nneg) / total_rows}
+        g = tuple(x[a * per: b * per] for x, per in zip(grads, (1, 1, nneg)))
+        sur, parts = forward(_chunk_surrogate, rows((q_ids, q_mask), a, b), rows((p_ids, p_mask), a, b),
+                             rows(n, a, b, nneg) if n is not None else None, g,
+                             eps[a:b] if eps is not None else None, cfg, w)
+        backward(sur)
+        for k, v in parts.items():
+            sums[k] = sums.get(k, 0.0) + float(v.detach())
+    total = float(cl.detach())
+    if bott:
+        total += cfg.lam * sums.get("comp", 0.0) + (cfg.beta * sums["rate"] if cfg.beta > 0 else 0.0)
+    return torch.tensor(total), {"cl": float(cl.detach()), **sums}
