@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import gzip
 import json
+import math
 import os
+import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,6 +34,7 @@ class Quarantine:
     path: Path | None = None
     count: int = 0
     reasons: dict[str, int] = field(default_factory=dict)
+    _started: bool = field(default=False, repr=False)
 
     def bad(self, file, line: int, reason: str, raw: Any = None) -> None:
         if not self.skip:
@@ -41,7 +44,11 @@ class Quarantine:
         self.reasons[kind] = self.reasons.get(kind, 0) + 1
         if self.path is not None:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            with open(self.path, "a") as f:
+            # the first bad record of this reader replaces an earlier run's file: re-running a run
+            # must not append to (and double) the previous quarantine
+            mode = "a" if self._started else "w"
+            self._started = True
+            with open(self.path, mode) as f:
                 f.write(json.dumps({"file": str(file), "line": line, "reason": reason,
                                     "record": raw if isinstance(raw, (str, type(None))) else repr(raw)}) + "\n")
 
@@ -56,26 +63,47 @@ def make_quarantine(skip_bad_records: bool, quarantine: str | os.PathLike | Quar
     return Quarantine(skip=skip_bad_records, path=Path(quarantine) if quarantine else None)
 
 
-def _open_text(path: Path):
-    return gzip.open(path, "rt", encoding="utf-8") if path.suffix == ".gz" else open(path, encoding="utf-8")
+def _lines(path: Path, q: Quarantine) -> Iterator[tuple[int, str]]:
+    """(line number, decoded line) of a text file, plain or gzip.
+
+    Bytes are decoded line by line, so one non-UTF-8 line is one bad record (file, line) instead of a
+    UnicodeDecodeError from somewhere in a buffer. A truncated or corrupt gzip stream ends the file: what
+    could not be read is reported at the line where reading stopped (quarantined as one record with
+    skip_bad_records, else an error naming file and line).
+    """
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: not a file" if path.exists() else f"{path} does not exist")
+    n = 0
+    try:
+        with (gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb")) as f:
+            for n, raw in enumerate(f, 1):
+                try:
+                    yield n, raw.decode("utf-8")
+                except UnicodeDecodeError as e:
+                    q.bad(path, n, f"invalid UTF-8: byte 0x{raw[e.start]:02x} at column {e.start + 1}",
+                          raw[:500].decode("utf-8", "replace"))
+    except (EOFError, gzip.BadGzipFile, zlib.error) as e:
+        q.bad(path, n + 1, f"corrupt gzip: {e or type(e).__name__} (the rest of the file is unreadable)")
 
 
 def iter_jsonl(path: str | os.PathLike, q: Quarantine) -> Iterator[tuple[int, dict]]:
     """(line number, object) for each non-blank line; invalid JSON or non-objects go to `q`."""
     path = Path(path)
-    with _open_text(path) as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                q.bad(path, n, f"invalid JSON: {e.msg}", line.rstrip("\n")[:500])
-                continue
-            if not isinstance(obj, dict):
-                q.bad(path, n, f"wrong type: record is {type(obj).__name__}, expected a JSON object", line[:500])
-                continue
-            yield n, obj
+    for n, line in _lines(path, q):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            q.bad(path, n, f"invalid JSON: {e.msg}", line.rstrip("\n")[:500])
+            continue
+        except RecursionError:
+            q.bad(path, n, "invalid JSON: nested too deeply", line.rstrip("\n")[:500])
+            continue
+        if not isinstance(obj, dict):
+            q.bad(path, n, f"wrong type: record is {type(obj).__name__}, expected a JSON object", line[:500])
+            continue
+        yield n, obj
 
 
 def _field(obj: dict, name: str, path, n: int, q: Quarantine, required: bool = True,
@@ -126,6 +154,19 @@ def dataset_name(folder: str | os.PathLike) -> str:
     return p.parent.name if p.name.lower() in GENERIC_SPLIT_NAMES else p.name
 
 
+def parse_grade(score: str) -> int | str:
+    """A qrels relevance grade: an integer ("2", "2.0"); anything else returns the reason it is not."""
+    try:
+        v = float(score)
+    except ValueError:
+        return f"wrong type: score {score!r} is not a number"
+    if not math.isfinite(v):
+        return f"wrong type: score {score!r} is not a finite number"
+    if v != int(v):
+        return f"wrong type: score {score!r} is not an integer grade (graded relevance is 0, 1, 2, ...)"
+    return int(v)
+
+
 def read_beir_corpus(path: str | os.PathLike, q: Quarantine) -> dict[str, dict]:
     corpus: dict[str, dict] = {}
     for n, obj in iter_jsonl(path, q):
@@ -148,9 +189,15 @@ def read_beir(folder: str | os.PathLike, split: str = "test", skip_bad_records: 
     q = make_quarantine(skip_bad_records, quarantine)
     files = {"corpus": folder / "corpus.jsonl", "queries": folder / "queries.jsonl",
              "qrels": folder / "qrels" / f"{split}.tsv"}
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{folder} is not a BEIR folder: " + ("not a directory" if folder.exists()
+                                                                       else "it does not exist"))
     missing = [str(p) for p in files.values() if not p.exists()]
     if missing:
         raise FileNotFoundError(f"{folder} is not a BEIR folder: missing {', '.join(missing)}")
+    not_files = [str(p) for p in files.values() if not p.is_file()]
+    if not_files:
+        raise FileNotFoundError(f"{folder} is not a BEIR folder: {', '.join(not_files)} is not a file")
     corpus = read_beir_corpus(files["corpus"], q)
     queries: dict[str, str] = {}
     for n, obj in iter_jsonl(files["queries"], q):
@@ -163,46 +210,69 @@ def read_beir(folder: str | os.PathLike, split: str = "test", skip_bad_records: 
             continue
         queries[qid] = text
     qrels: dict[str, dict[str, int]] = {}
-    with open(files["qrels"], encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            cols = line.rstrip("\n").split("\t")
-            if n == 1 and cols[0] in ("query-id", "query_id", "qid"):
-                continue
-            if len(cols) != 3:
-                q.bad(files["qrels"], n, f"wrong type: expected 3 tab-separated columns, got {len(cols)}", line)
-                continue
-            qid, did, score = cols
-            try:
-                grade = int(float(score))
-            except ValueError:
-                q.bad(files["qrels"], n, f"wrong type: score {score!r} is not a number", line)
-                continue
-            if did not in corpus:
-                q.bad(files["qrels"], n, f"unknown document: '{did}' is not in corpus.jsonl", line)
-                continue
-            if qid not in queries:
-                q.bad(files["qrels"], n, f"unknown query: '{qid}' is not in queries.jsonl", line)
-                continue
-            if did in qrels.get(qid, {}):
-                q.bad(files["qrels"], n, f"duplicate id: qrel ({qid}, {did}) repeated", line)
-                continue
-            qrels.setdefault(qid, {})[did] = grade
+    for n, line in _lines(files["qrels"], q):
+        if not line.strip():
+            continue
+        cols = line.rstrip("\r\n").split("\t")
+        if n == 1 and cols[0] in ("query-id", "query_id", "qid"):
+            continue
+        if len(cols) != 3:
+            q.bad(files["qrels"], n, f"wrong type: expected 3 tab-separated columns, got {len(cols)}", line)
+            continue
+        qid, did, score = cols
+        grade = parse_grade(score)
+        if isinstance(grade, str):
+            q.bad(files["qrels"], n, grade, line)
+            continue
+        if did not in corpus:
+            q.bad(files["qrels"], n, f"unknown document: '{did}' is not in corpus.jsonl", line)
+            continue
+        if qid not in queries:
+            q.bad(files["qrels"], n, f"unknown query: '{qid}' is not in queries.jsonl", line)
+            continue
+        if did in qrels.get(qid, {}):
+            q.bad(files["qrels"], n, f"duplicate id: qrel ({qid}, {did}) repeated", line)
+            continue
+        qrels.setdefault(qid, {})[did] = grade
     return BeirData(dataset_name(folder), corpus, queries, qrels, q.summary())
 
 
 # ---------------------------------------------------------------------- text corpora and pairs
-def _iter_parquet(path: Path) -> Iterator[tuple[int, dict]]:
+def _iter_parquet(path: Path, q: Quarantine) -> Iterator[tuple[Path, int, dict]]:
+    """(file, row number in that file, row) of a Parquet file or folder.
+
+    A file whose footer cannot be read, or a row group that cannot be decoded, is a bad record located by
+    file and row range: with skip_bad_records it is quarantined (the other row groups are still read),
+    else the read stops with that location.
+    """
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
-    files = sorted(path.rglob("*.parquet")) if path.is_dir() else [path]
-    n = 0
+    files = sorted(p for p in path.rglob("*.parquet") if p.is_file()) if path.is_dir() else [path]
     for f in files:
-        for batch in pq.ParquetFile(f).iter_batches():
-            for row in batch.to_pylist():
+        try:
+            pf = pq.ParquetFile(f)
+        except (pa.ArrowException, OSError, ValueError) as e:
+            q.bad(f, 0, f"corrupt Parquet: {_one_line(e)} (the whole file is unreadable)")
+            continue
+        n = 0
+        for g in range(pf.metadata.num_row_groups):
+            size = pf.metadata.row_group(g).num_rows
+            try:
+                rows = pf.read_row_group(g).to_pylist()
+            except (pa.ArrowException, OSError, ValueError, UnicodeDecodeError) as e:
+                q.bad(f, n + 1, f"corrupt Parquet: row group {g} (rows {n + 1}-{n + size}) unreadable: "
+                                f"{_one_line(e)}")
+                n += size
+                continue
+            for row in rows:
                 n += 1
-                yield n, row
+                yield f, n, row
+
+
+def _one_line(e: BaseException) -> str:
+    msg = " ".join(str(e).split())
+    return (msg[:300] + "…") if len(msg) > 300 else (msg or type(e).__name__)
 
 
 def iter_records(path: str | os.PathLike, q: Quarantine) -> Iterator[tuple[Path, int, dict]]:
@@ -213,8 +283,7 @@ def iter_records(path: str | os.PathLike, q: Quarantine) -> Iterator[tuple[Path,
     if path.is_dir() and (path / "corpus.jsonl").exists():
         path = path / "corpus.jsonl"
     if path.suffix == ".parquet" or (path.is_dir() and any(path.rglob("*.parquet"))):
-        for n, row in _iter_parquet(path):
-            yield path, n, row
+        yield from _iter_parquet(path, q)
     elif path.is_file():
         for n, obj in iter_jsonl(path, q):
             yield path, n, obj
@@ -256,7 +325,9 @@ def read_pairs(path: str | os.PathLike, query_field: str = "query", positive_fie
         pt = _field(obj, positive_field, f, n, q)
         if qt is None or pt is None:
             continue
-        negs = obj.get(negatives_field) or []
+        negs = obj.get(negatives_field)
+        if negs is None:
+            negs = []                                   # absent or null: no negatives (in-batch only)
         if hasattr(negs, "tolist"):
             negs = negs.tolist()
         if not isinstance(negs, list) or not all(isinstance(x, str) and x.strip() for x in negs):
