@@ -1,15 +1,19 @@
 """Embed a corpus with Ray Data and publish a sharded FAISS index (atomic, with manifest).
 
     python -m jobs.build_index --model DIR --corpus PATH --out DIR --shards 4 --factory "IVF1024,Flat"
+
+`--out` must be new, empty, or (with `--overwrite`) an index: a new version is published over it.
+Anything else at `--out` is refused. Every argument, the model folder and the corpus are checked
+before Ray starts or any model is loaded.
 """
 from __future__ import annotations
 
-import argparse
 import json
+import shutil
 import sys
-import tempfile
 from pathlib import Path
 
+from jobs._cli import INPUT_ERRORS, Parser, fail, note, positive_float, positive_int
 from pipeline.embed import (
     EmbedConfig,
     doc_texts,
@@ -19,24 +23,26 @@ from pipeline.embed import (
     model_identity,
     read_embeddings,
 )
-from pipeline.index import IndexConfig, build_index
+from pipeline.index import IndexBusyError, IndexConfig, build_index, check_factory, check_out, work_dir
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m jobs.build_index", description=__doc__.splitlines()[0])
-    p.add_argument("--model", required=True, help="LBR model folder (or hashing:<dim> for plumbing tests)")
+def parse_args(argv=None):
+    p = Parser(prog="python -m jobs.build_index", description=__doc__.splitlines()[0])
+    p.add_argument("--model", required=True,
+                   help="LBR model folder or a run folder holding one in model/ (hashing:<dim> for plumbing tests)")
     p.add_argument("--corpus", required=True, help="BEIR folder, JSONL or Parquet file of documents")
-    p.add_argument("--out", required=True, help="index folder to publish (replaced atomically)")
-    p.add_argument("--shards", type=int, default=4)
+    p.add_argument("--out", required=True, help="index folder to publish (new, empty, or an index with --overwrite)")
+    p.add_argument("--overwrite", action="store_true", help="publish a new version over the index at --out")
+    p.add_argument("--shards", type=positive_int, default=4)
     p.add_argument("--factory", default="Flat", help="FAISS factory string: Flat, IVF1024,Flat, IVF1024,PQ32, HNSW32")
-    p.add_argument("--nprobe", type=int, default=16, help="default IVF nprobe stored in the manifest")
-    p.add_argument("--ef-search", type=int, default=64, help="default HNSW efSearch stored in the manifest")
-    p.add_argument("--train-size", type=int, default=100_000, help="IVF/PQ training sample size")
+    p.add_argument("--nprobe", type=positive_int, default=16, help="default IVF nprobe stored in the manifest")
+    p.add_argument("--ef-search", type=positive_int, default=64, help="default HNSW efSearch stored in the manifest")
+    p.add_argument("--train-size", type=positive_int, default=100_000, help="IVF/PQ training sample size")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--text-field", default=None, help="use this field as document text (default: text)")
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--actors", type=int, default=2, help="embedding actor-pool size")
-    p.add_argument("--cpus-per-actor", type=float, default=0.5)
+    p.add_argument("--batch-size", type=positive_int, default=32)
+    p.add_argument("--actors", type=positive_int, default=2, help="embedding actor-pool size")
+    p.add_argument("--cpus-per-actor", type=positive_float, default=0.5)
     p.add_argument("--no-ray", action="store_true", help="embed and build in this process (debugging)")
     return p.parse_args(argv)
 
@@ -45,31 +51,44 @@ def main(argv=None) -> int:
     a = parse_args(argv)
     try:
         return run(a)
-    except (ValueError, FileNotFoundError) as e:  # unusable inputs: a message, not a traceback
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    except (*INPUT_ERRORS, IndexBusyError) as e:  # unusable inputs: one line, not a traceback
+        return fail(e)
 
 
-def run(a: argparse.Namespace) -> int:
+def run(a) -> int:
+    from pipeline.model_paths import is_run_dir
     from stages.readers import read_corpus
 
+    # 1. everything that can be checked without embedding, in order of cost; nothing is written yet
+    check_out(a.out, a.overwrite)
     cfg = IndexConfig(factory=a.factory, shards=a.shards, nprobe=a.nprobe, ef_search=a.ef_search,
                       train_size=a.train_size, seed=a.seed, use_ray=not a.no_ray)
     ecfg = EmbedConfig(batch_size=a.batch_size, num_actors=a.actors, num_cpus_per_actor=a.cpus_per_actor)
-    model = model_identity(a.model)  # fails here, before any Ray work, if the model folder is unusable
+    if is_run_dir(a.model):
+        note(f"--model {a.model} is a run folder: using {Path(a.model) / 'model'}")
+    model = model_identity(a.model)  # the model folder is complete (config, weights, tokenizer)
+    check_factory(a.factory, model["dimension"])
     docs = read_corpus(a.corpus, text_field=a.text_field)
     if not docs:
-        print(f"error: corpus {a.corpus} has no usable documents", file=sys.stderr)
-        return 2
+        return fail(f"corpus {a.corpus} has no usable documents")
+    check_factory(a.factory, model["dimension"], len(docs))
+    model = {"path": model["path"], "fingerprint": model["fingerprint"]}
+    # 2. embed (scratch space inside --out, removed afterwards) and publish
     if a.no_ray:
-        emb = embed_docs_local(load_encoder(a.model), docs, a.batch_size)
+        emb = embed_docs_local(load_encoder(model["path"]), docs, a.batch_size)
     else:
         ids, texts = doc_texts(docs)
-        out_parent = Path(a.out).resolve().parent
-        out_parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(prefix=".embeddings-", dir=out_parent) as tmp:
-            emb = read_embeddings(embed_to_parquet(a.model, ids, texts, tmp, ecfg))
-    manifest = build_index(a.out, emb.ids, emb.vectors, emb.hashes, cfg, model)
+        out = Path(a.out)
+        created = not out.exists()
+        out.mkdir(parents=True, exist_ok=True)
+        tmp = work_dir(out)
+        try:
+            emb = read_embeddings(embed_to_parquet(model["path"], ids, texts, tmp, ecfg))
+        except BaseException:
+            shutil.rmtree(out if created else tmp, ignore_errors=True)
+            raise
+        shutil.rmtree(tmp, ignore_errors=True)
+    manifest = build_index(a.out, emb.ids, emb.vectors, emb.hashes, cfg, model, overwrite=a.overwrite)
     print(json.dumps({"out": str(a.out), "num_docs": manifest["num_docs"], "dimension": manifest["dimension"],
                       "factory": manifest["factory"], "shards": [s["count"] for s in manifest["shards"]]}))
     return 0

@@ -9,26 +9,27 @@ prints a table. Dataset name = folder name, or its parent's for a split folder (
 """
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 from pathlib import Path
 
+from jobs._cli import INPUT_ERRORS, Parser, fail, note, positive_int
 
-def parse_args(argv=None) -> argparse.Namespace:
+
+def parse_args(argv=None):
     from pipeline.evaluate import BASELINES
 
-    p = argparse.ArgumentParser(prog="python -m jobs.evaluate", description=__doc__.split("\n")[0])
+    p = Parser(prog="python -m jobs.evaluate", description=__doc__.split("\n")[0])
     who = p.add_mutually_exclusive_group(required=True)
-    who.add_argument("--model", help="trained LBR model folder")
+    who.add_argument("--model", help="trained LBR model folder, or a run folder holding one in model/")
     who.add_argument("--baseline", choices=BASELINES)
     p.add_argument("--backbone", help="backbone folder (for base-mean / base-last)")
     p.add_argument("--data", action="append", required=True, help="BEIR folder (repeatable)")
     p.add_argument("--out", required=True, help="results JSON path")
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--max-corpus", type=int, default=None,
+    p.add_argument("--batch-size", type=positive_int, default=32)
+    p.add_argument("--max-corpus", type=positive_int, default=None,
                    help="seeded corpus subsample; every relevant doc of an evaluated query is kept")
-    p.add_argument("--max-queries", type=int, default=None, help="seeded subsample of judged queries")
+    p.add_argument("--max-queries", type=positive_int, default=None, help="seeded subsample of judged queries")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--split", default="test", help="qrels/<split>.tsv")
     return p.parse_args(argv)
@@ -45,7 +46,9 @@ def main(argv=None) -> int:
         dataset_name,
         evaluate_folders,
         format_table,
+        load_beir,
     )
+    from pipeline.model_paths import is_model_dir, is_run_dir
     from stages.io import write_json
 
     try:
@@ -57,14 +60,21 @@ def main(argv=None) -> int:
         if len(set(names)) != len(names):
             raise ValueError(f"--data: folders map to duplicate dataset names {names}")
         out = Path(args.out)
+        if out.is_dir():
+            raise IsADirectoryError(f"--out {out} is a folder; expected a results JSON file path")
         if not out.parent.is_dir():
             raise FileNotFoundError(f"--out {out}: folder {out.parent} does not exist")
+        if args.model is not None:
+            if is_run_dir(args.model):
+                note(f"--model {args.model} is a run folder: using {Path(args.model) / 'model'}")
+            elif not is_model_dir(args.model):
+                raise FileNotFoundError(f"--model {args.model} is not an LBR model folder (lbr_config.json missing)")
+        loaded = [load_beir(f, args.split) for f in args.data]  # every record checked before any model load
         retriever = build_retriever(model=args.model, baseline=args.baseline, backbone=args.backbone,
                                     batch_size=args.batch_size)
-        results = evaluate_folders(retriever, args.data, cfg)
-    except (FileNotFoundError, ValueError, ImportError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        results = evaluate_folders(retriever, args.data, cfg, loaded=loaded)
+    except (*INPUT_ERRORS, ImportError) as e:
+        return fail(e)
     write_json(out, results)
     print(format_table(results))
     print(f"[evaluate] wrote {out}")

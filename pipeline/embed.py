@@ -78,11 +78,21 @@ class HashingEncoder:
         return out / np.linalg.norm(out, axis=1, keepdims=True)
 
 
+def _hashing_dim(ref: str) -> int:
+    tail = ref[len(HASHING_PREFIX):]
+    if not tail.isdigit() or not 2 <= int(tail) <= 65536:
+        raise ValueError(f"model {ref!r}: expected hashing:<dim> with 2 <= dim <= 65536")
+    return int(tail)
+
+
 def load_encoder(model_ref: str | os.PathLike) -> Encoder:
-    """Model folder -> LBRModel; ``hashing:<dim>`` -> HashingEncoder."""
+    """Model folder (or a run folder holding one in model/) -> LBRModel; ``hashing:<dim>`` -> HashingEncoder."""
     ref = str(model_ref)
     if ref.startswith(HASHING_PREFIX):
-        return HashingEncoder(int(ref[len(HASHING_PREFIX):]))
+        return HashingEncoder(_hashing_dim(ref))
+    from pipeline.model_paths import resolve_model_dir
+
+    ref = resolve_model_dir(ref)
     if not Path(ref).is_dir():
         raise FileNotFoundError(f"model folder {ref!r} does not exist")
     from stages import LBRModel
@@ -91,13 +101,21 @@ def load_encoder(model_ref: str | os.PathLike) -> Encoder:
 
 
 def model_identity(model_ref: str | os.PathLike) -> dict:
-    """{path, fingerprint} recorded in manifests; the fingerprint is what search/reindex compare."""
+    """{path, fingerprint, dimension} recorded in manifests; the fingerprint is what search/reindex compare.
+
+    Checks the folder (config, weights, tokenizer present) without loading any weights, so entry points
+    call it to refuse an unusable --model before starting Ray.
+    """
     ref = str(model_ref)
     if ref.startswith(HASHING_PREFIX):
-        return {"path": ref, "fingerprint": ref}
-    from stages.model import model_fingerprint
+        return {"path": ref, "fingerprint": ref, "dimension": _hashing_dim(ref)}
+    from pipeline.model_paths import model_dimension, model_fingerprint, resolve_model_dir
 
-    return {"path": str(Path(ref).resolve()), "fingerprint": model_fingerprint(ref)}
+    ref = resolve_model_dir(ref)
+    if not Path(ref).exists():
+        raise FileNotFoundError(f"model folder {ref!r} does not exist")
+    return {"path": str(Path(ref).resolve()), "fingerprint": model_fingerprint(ref),
+            "dimension": model_dimension(ref)}
 
 
 def content_hash(text: str) -> str:

@@ -247,6 +247,9 @@ def build_retriever(model: str | None = None, baseline: str | None = None, backb
     if (model is None) == (baseline is None):
         raise ValueError("give exactly one of --model DIR or --baseline {" + "|".join(BASELINES) + "}")
     if model is not None:
+        from pipeline.model_paths import resolve_model_dir
+
+        model = resolve_model_dir(model)                    # a run folder stands for its model/
         if not (Path(model).is_dir()):
             raise FileNotFoundError(f"--model {model}: not a directory")
         from stages import LBRModel
@@ -299,8 +302,12 @@ def evaluate_retriever(retriever: Retriever | EncodeFn, data, config: EvalConfig
 
 
 def evaluate_folders(retriever: Retriever | EncodeFn, folders: Sequence[str | os.PathLike],
-                     config: EvalConfig = EvalConfig(), log: Callable[[str], None] | None = print) -> dict:
-    """{dataset name: metrics} for each BEIR folder; all folders are checked before any work."""
+                     config: EvalConfig = EvalConfig(), log: Callable[[str], None] | None = print,
+                     loaded: Sequence | None = None) -> dict:
+    """{dataset name: metrics} for each BEIR folder; all folders are checked before any work.
+
+    `loaded`: the folders already read (`load_beir`), so a caller that validated them first does not
+    read them twice."""
     names = [dataset_name(f) for f in folders]
     dup = {n for n in names if names.count(n) > 1}
     if dup:
@@ -310,7 +317,8 @@ def evaluate_folders(retriever: Retriever | EncodeFn, folders: Sequence[str | os
     out = {}
     for name, f in zip(names, folders):
         t0 = time.perf_counter()
-        out[name] = evaluate_retriever(retriever, load_beir(f, config.split), config)
+        data = loaded[folders.index(f)] if loaded is not None else load_beir(f, config.split)
+        out[name] = evaluate_retriever(retriever, data, config)
         if log:
             log(f"[evaluate] {name}: ndcg@10={out[name]['ndcg@10']:.4f} ({time.perf_counter() - t0:.1f}s)")
     return out

@@ -1,13 +1,26 @@
 """Sharded FAISS index: build, verify, search, incremental re-index, atomic publication.
 
-Layout of an index folder (everything but manifest.json is checksummed in the manifest)::
+Layout of an index folder::
 
-    manifest.json            model fingerprint, dim, metric, factory, config, counts, sha256, versions
-    trained.faiss            the trained *empty* index every shard was cloned from
-    shard_00000.faiss        one FAISS index per shard (ids are int64)
-    shard_00000.parquet      id (str), int_id (int64), content_hash, vector — the id map, the
-                             content hashes re-index compares, and the exact vectors so a touched
-                             shard can be rebuilt without re-embedding its unchanged documents
+    current -> versions/000003   the published version: ONE symlink, replaced atomically (rename)
+    manifest.json -> current/manifest.json   (convenience link for tools that read the manifest)
+    versions/000003/             one complete, verified version (everything but manifest.json is
+        manifest.json            checksummed in the manifest): model fingerprint, dim, metric, factory,
+        trained.faiss            config, counts, sha256, library versions; the trained *empty* index
+        shard_00000.faiss        every shard was cloned from; one FAISS index per shard (int64 ids);
+        shard_00000.parquet      id, int_id, content_hash, vector — the id map, the hashes re-index
+                                 compares and the exact vectors (a touched shard is rebuilt without
+                                 re-embedding its unchanged documents)
+    .lock                        readers hold it shared while opening; old versions are deleted only
+                                 under an exclusive hold, so no open ever sees a version vanish
+    .writer.lock                 one build / re-index publishes at a time
+
+Publication (why): readers open files one by one, so swapping files or folders under them (two
+renames) made concurrent opens fail or see a mix of versions. A version is written under
+versions/.tmp-*, verified, renamed to its number, and published by replacing the `current` symlink —
+one atomic rename. A reader resolves `current` once and reads every file from that version folder.
+Folders written by earlier releases (files at the top level) are read as they are and converted in
+place at their next publication.
 
 Why these choices:
 * shard = sha1(id) mod N and int_id = first 8 bytes of sha1(id) (63 bits): both are stable across
@@ -16,19 +29,25 @@ Why these choices:
 * IVF/PQ are trained once on a sample and the trained empty index is cloned to every shard, so the
   shards share one coarse quantizer and re-index can rebuild a single shard consistently;
 * inner product on L2-normalised vectors (cosine), whatever the factory string;
-* a build goes into a temp folder, is re-loaded and checksummed, and only then renamed over the
-  previous version, which stays servable until that moment;
+* a build goes into a temp folder inside the index, is re-loaded and checksummed, and only then
+  published; the previous version stays servable until (and, for readers already opening it, after)
+  that moment;
 * manifest.json has no timestamps, so re-running a re-index on an unchanged corpus is a no-op and
   the manifest stays byte-identical.
 """
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import importlib.metadata
 import json
 import os
 import platform
+import re
 import shutil
+import socket
+import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -40,11 +59,17 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline.embed import embeddings_table, vectors_from_column
-from stages.io import atomic_dir, folder_checksums, write_json
+from stages.io import folder_checksums, write_json
 
 FORMAT = "lbr-faiss-shards/1"
 MANIFEST = "manifest.json"
 TRAINED = "trained.faiss"
+CURRENT = "current"
+VERSIONS = "versions"
+READ_LOCK = ".lock"
+WRITE_LOCK = ".writer.lock"
+_VERSION_RE = re.compile(r"^[0-9]{6,}$")
+_SHARD_RE = re.compile(r"^shard_[0-9]{5,}$")
 
 
 class IndexIntegrityError(RuntimeError):
@@ -53,6 +78,10 @@ class IndexIntegrityError(RuntimeError):
 
 class ModelMismatchError(RuntimeError):
     """The model offered for queries/re-index is not the one the index was built with."""
+
+
+class IndexBusyError(RuntimeError):
+    """Another build or re-index is publishing to the same index folder."""
 
 
 @dataclass(frozen=True)
@@ -127,6 +156,27 @@ def normalize(vecs: np.ndarray) -> np.ndarray:
 
 def _is_ivf(index) -> bool:
     return faiss.try_extract_index_ivf(index) is not None
+
+
+_BIG = 1 << 24
+
+
+def check_factory(factory: str, dim: int, num_vectors: int | None = None) -> None:
+    """Fail now, before any embedding, when `factory` is not a usable FAISS factory string for `dim`
+    dimensions (or, given the corpus size, cannot be trained on it)."""
+    if not isinstance(factory, str) or not factory.strip() or any(c.isspace() for c in factory.strip()):
+        raise ValueError(f"invalid FAISS factory string {factory!r}")
+    if any(int(n) > _BIG for n in re.findall(r"[0-9]+", factory)):
+        raise ValueError(f"invalid FAISS factory string {factory!r}: a parameter is larger than {_BIG}")
+    try:
+        index = faiss.index_factory(int(dim), factory, faiss.METRIC_INNER_PRODUCT)
+    except RuntimeError as e:
+        why = re.sub(r"^Error in .*? at \S+:[0-9]+: (Error: )?", "", str(e).strip().splitlines()[-1])
+        raise ValueError(f"invalid FAISS factory string {factory!r} for dimension {dim}: {why}") from None
+    ivf = faiss.try_extract_index_ivf(index)
+    if num_vectors is not None and ivf is not None and num_vectors < ivf.nlist:
+        raise ValueError(f"factory {factory!r} needs at least nlist={ivf.nlist} training vectors, "
+                         f"corpus has {num_vectors}")
 
 
 def make_trained_index(factory: str, vectors: np.ndarray, cfg: IndexConfig):
@@ -280,9 +330,49 @@ def _split(ids: Sequence[str], hashes: Sequence[str], vecs: np.ndarray, n: int, 
             for b in buckets]
 
 
+def check_out(out_dir: str | os.PathLike, overwrite: bool) -> str:
+    """What publishing to `out_dir` would replace: "new" (absent or an empty folder) or "index".
+
+    Anything else — a file, a folder of other files, a corpus — is refused whatever `overwrite` says;
+    an existing index is refused unless `overwrite`. Nothing is changed here.
+    """
+    out = Path(out_dir)
+    if out.is_symlink() and not out.exists():
+        raise FileExistsError(f"--out {out} is a dangling symlink; refusing to write through it")
+    if not out.exists():
+        return "new"
+    if not out.is_dir():
+        raise FileExistsError(f"--out {out} exists and is not a folder; refusing to replace it")
+    if is_index_dir(out):
+        if not overwrite:
+            raise FileExistsError(f"--out {out} holds an index; pass --overwrite to publish a new version over it")
+        return "index"
+    entries = [e for e in os.listdir(out) if e not in (READ_LOCK, WRITE_LOCK, VERSIONS)
+               and not e.startswith((".work-", f".{CURRENT}.new-", f".{MANIFEST}.new-"))]
+    versions = out / VERSIONS
+    if entries or (versions.is_dir() and any(not e.startswith(".tmp-") for e in os.listdir(versions))):
+        raise FileExistsError(f"--out {out} is not an index folder (no {MANIFEST}) and is not empty; "
+                              "refusing to replace it — pick a new or empty folder")
+    return "new"
+
+
+def is_index_dir(path: str | os.PathLike) -> bool:
+    """True when `path` is an index folder this module wrote (a readable manifest of our format)."""
+    try:
+        load_manifest(path)
+        return True
+    except (IndexIntegrityError, OSError):
+        return False
+
+
 def build_index(out_dir: str | os.PathLike, ids: Sequence[str], vectors: np.ndarray,
-                hashes: Sequence[str], cfg: IndexConfig, model: dict) -> dict:
-    """Fresh build from (id, vector, content_hash); publishes atomically; returns the manifest."""
+                hashes: Sequence[str], cfg: IndexConfig, model: dict, overwrite: bool = False) -> dict:
+    """Fresh build from (id, vector, content_hash); publishes atomically; returns the manifest.
+
+    `out_dir` must be absent, empty, or (with overwrite=True) an index: a new version is published
+    over it. Any other folder or file is refused before any work.
+    """
+    check_out(out_dir, overwrite)
     ids = list(ids)
     if not ids:
         raise ValueError("cannot build an index from an empty corpus")
@@ -297,31 +387,196 @@ def build_index(out_dir: str | os.PathLike, ids: Sequence[str], vectors: np.ndar
 
 
 def _publish(out: Path, cfg: IndexConfig, model: dict, dim: int, trained,
-             rebuild: dict[int, ShardRows], reuse: tuple[Path, dict] | None) -> dict:
-    """Write rebuilt shards (+ hard-link untouched ones from `reuse`), verify, rename into place."""
+             rebuild: dict[int, ShardRows], reuse: tuple[Path, dict] | None, locked: bool = False) -> dict:
+    """Write rebuilt shards (+ hard-link untouched ones from `reuse`), verify, publish one version."""
     trained_bytes = faiss.serialize_index(trained)
     order = sorted(rebuild)
     built = _build_shards(trained_bytes, [(rebuild[i].int_ids, rebuild[i].vectors) for i in order], cfg)
-    with atomic_dir(out) as tmp:
-        if reuse is None:
-            faiss.write_index(trained, str(tmp / TRAINED))
-        else:
-            _link(reuse[0] / TRAINED, tmp / TRAINED)
-        meta: list[dict] = []
-        for i in range(cfg.shards):
-            name = shard_name(i)
-            if i in rebuild:
-                _write_shard_files(tmp, i, rebuild[i], built[order.index(i)])
-                meta.append({"name": name, "count": len(rebuild[i].ids),
-                             "content_digest": _content_digest(rebuild[i])})
-            else:
-                for ext in (".faiss", ".parquet"):
-                    _link(reuse[0] / f"{name}{ext}", tmp / f"{name}{ext}")
-                meta.append(dict(reuse[1]["shards"][i]))
-        manifest = _manifest(tmp, cfg, model, dim, meta)
-        write_json(tmp / MANIFEST, manifest)
-        verify_index(tmp, load=True)
+    existed, fresh = out.exists(), not is_index_dir(out)
+    out.mkdir(parents=True, exist_ok=True)
+    try:
+        with contextlib.nullcontext() if locked else writer_lock(out):
+            (out / READ_LOCK).touch()        # before anything is published: every reader takes it
+            _remove_stale_temps(out)
+            vdir = Path(tempfile.mkdtemp(prefix=_temp_prefix(), dir=_versions(out, create=True)))
+            try:
+                if reuse is None:
+                    faiss.write_index(trained, str(vdir / TRAINED))
+                else:
+                    _link(reuse[0] / TRAINED, vdir / TRAINED)
+                meta: list[dict] = []
+                for i in range(cfg.shards):
+                    name = shard_name(i)
+                    if i in rebuild:
+                        _write_shard_files(vdir, i, rebuild[i], built[order.index(i)])
+                        meta.append({"name": name, "count": len(rebuild[i].ids),
+                                     "content_digest": _content_digest(rebuild[i])})
+                    else:
+                        for ext in (".faiss", ".parquet"):
+                            _link(reuse[0] / f"{name}{ext}", vdir / f"{name}{ext}")
+                        meta.append(dict(reuse[1]["shards"][i]))
+                manifest = _manifest(vdir, cfg, model, dim, meta)
+                write_json(vdir / MANIFEST, manifest)
+                verify_index(vdir, load=True)
+                final = _versions(out) / _next_version(out)
+                (_versions(out) / f"{final.name}.lock").touch()
+                os.rename(vdir, final)
+            except BaseException:
+                shutil.rmtree(vdir, ignore_errors=True)
+                raise
+            legacy = _legacy_files(out)
+            _point(out, CURRENT, f"{VERSIONS}/{final.name}")       # THE publication: one rename
+            _point(out, MANIFEST, f"{CURRENT}/{MANIFEST}")
+            cleanup_versions(out, legacy)
+    except BaseException:
+        if fresh and not existed:
+            shutil.rmtree(out, ignore_errors=True)       # nothing of ours is left behind
+        elif fresh:
+            for e in (VERSIONS, READ_LOCK, WRITE_LOCK):
+                p = out / e
+                shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+        raise
     return manifest
+
+
+def _versions(out: Path, create: bool = False) -> Path:
+    v = out / VERSIONS
+    if create:
+        v.mkdir(exist_ok=True)
+    return v
+
+
+def _temp_prefix() -> str:
+    return f".tmp-{socket.gethostname()}-{os.getpid()}-"
+
+
+def _next_version(out: Path) -> str:
+    nums = [int(e) for e in os.listdir(_versions(out)) if _VERSION_RE.match(e)]
+    return f"{max(nums, default=0) + 1:06d}"
+
+
+def _point(out: Path, name: str, target: str) -> None:
+    """Make out/name a symlink to `target` (relative) with one atomic rename over the old entry."""
+    tmp = out / f".{name}.new-{os.getpid()}"
+    with contextlib.suppress(FileNotFoundError):
+        tmp.unlink()
+    os.symlink(target, tmp)
+    os.replace(tmp, out / name)
+
+
+def _legacy_files(out: Path) -> list[Path]:
+    """Top-level files of a folder written by an earlier release (replaced by the versioned layout)."""
+    if (out / CURRENT).is_symlink():
+        return []
+    return [out / e for e in os.listdir(out)
+            if e != MANIFEST and (e == TRAINED or _SHARD_RE.match(e.rsplit(".", 1)[0]))
+            and (out / e).is_file() and not (out / e).is_symlink()]
+
+
+@contextlib.contextmanager
+def writer_lock(out: Path):
+    """One publisher per index folder (a build or re-index already running makes the next one fail)."""
+    with open(out / WRITE_LOCK, "a") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise IndexBusyError(f"{out}: another build or re-index is publishing to this index") from None
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+@contextlib.contextmanager
+def _read_lock(root: Path, exclusive: bool = False, wait: bool = True):
+    """Shared while a reader opens a version; exclusive (never waiting) while old versions are deleted.
+
+    Yields True when held. A read-only index folder without a lock file is read without one.
+    """
+    path = root / READ_LOCK
+    try:
+        f = open(path, "a" if exclusive else "r") if (exclusive or path.exists()) else None  # noqa: SIM115
+    except OSError:
+        f = None
+    if f is None:
+        yield not exclusive
+        return
+    with f:
+        flags = (fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH) | (0 if wait else fcntl.LOCK_NB)
+        try:
+            fcntl.flock(f, flags)
+        except BlockingIOError:
+            yield False
+            return
+        try:
+            yield True
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _remove_stale_temps(out: Path) -> None:
+    """Temp versions of interrupted builds (the writer lock is held: no other build is running)."""
+    v = _versions(out)
+    if v.is_dir():
+        for e in os.listdir(v):
+            if e.startswith(".tmp-"):
+                shutil.rmtree(v / e, ignore_errors=True)
+    for e in os.listdir(out):
+        if e.startswith((f".{CURRENT}.new-", f".{MANIFEST}.new-")) or (e.startswith(".work-") and _dead(e)):
+            p = out / e
+            shutil.rmtree(p, ignore_errors=True) if p.is_dir() and not p.is_symlink() else p.unlink()
+
+
+def work_dir(out: str | os.PathLike) -> Path:
+    """A scratch folder inside the index folder (embeddings before a build), named after this process
+    so a later build removes it if this one is killed."""
+    return Path(tempfile.mkdtemp(prefix=f".work-{socket.gethostname()}-{os.getpid()}-", dir=out))
+
+
+def _dead(name: str) -> bool:
+    """`.work-<host>-<pid>-*` of a process on this host that is gone (other hosts' entries are kept)."""
+    m = re.match(r"^\.work-(.+)-([0-9]+)-[^-]*$", name)
+    if not m or m.group(1) != socket.gethostname():
+        return False
+    try:
+        os.kill(int(m.group(2)), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return False
+
+
+def cleanup_versions(out: str | os.PathLike, legacy: Sequence[Path] = ()) -> list[str]:
+    """Delete every version but the published one that no reader is opening right now.
+
+    A reader holds `versions/<n>.lock` shared from the moment it resolved `current` to <n> until its
+    files are read; a version is removed only under that lock held exclusively (never waiting), so it
+    never vanishes under an open. A version still being opened is kept; the next publication retries.
+    Readers wait on nothing: publishing and cleaning never block an open.
+    """
+    out = Path(out)
+    cur = os.readlink(out / CURRENT).split("/")[-1]
+    v = _versions(out)
+    removed = []
+    if legacy:
+        with _read_lock(out, exclusive=True, wait=False) as held:
+            if held:
+                for p in legacy:
+                    p.unlink(missing_ok=True)
+    for e in sorted(os.listdir(v)):
+        name = e.removesuffix(".lock")
+        if not _VERSION_RE.match(name) or name == cur or (e != name and (v / name).exists()):
+            continue                      # (a version's lock file goes together with its folder)
+        with open(v / f"{name}.lock", "a") as f:
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                continue                                     # a reader is opening it: keep it for now
+            shutil.rmtree(v / name, ignore_errors=True)
+            (v / f"{name}.lock").unlink(missing_ok=True)     # still held: late readers see it gone
+            removed.append(name)
+    return removed
 
 
 def _link(src: Path, dst: Path) -> None:
@@ -334,21 +589,97 @@ def _link(src: Path, dst: Path) -> None:
 # ------------------------------------------------------------------------------- verify / read
 
 
+def version_dir(index_dir: str | os.PathLike) -> Path:
+    """The folder holding the published version's files: `current` resolved once (or the folder itself
+    for a version folder or an index written by an earlier release)."""
+    root = Path(index_dir)
+    cur = root / CURRENT
+    if not cur.is_symlink():
+        return root
+    target = os.readlink(cur)
+    parts = target.split("/")
+    if len(parts) != 2 or parts[0] != VERSIONS or not _VERSION_RE.match(parts[1]):
+        raise IndexIntegrityError(f"{cur} points to {target!r}, not to a version folder inside the index")
+    return root / VERSIONS / parts[1]
+
+
+@contextlib.contextmanager
+def open_version(index_dir: str | os.PathLike):
+    """Yield the published version folder, held so that no cleanup removes it meanwhile: every file
+    read inside the block comes from that one version. Never waits on a publisher."""
+    root = Path(index_dir)
+    if not (root / CURRENT).is_symlink():
+        with _read_lock(root):           # a version folder, or an index written by an earlier release
+            yield root
+        return
+    for _ in range(1000):
+        vdir = version_dir(root)
+        lock = root / VERSIONS / f"{vdir.name}.lock"
+        try:
+            f = open(lock)  # noqa: SIM115 — closed by the `with f` below
+        except FileNotFoundError:
+            if vdir.is_dir() and version_dir(root) == vdir and not lock.exists():
+                yield vdir               # a copy without lock files (e.g. read-only): nothing cleans it
+                return
+            continue                     # removed after we resolved `current`: resolve again
+        with f:
+            fcntl.flock(f, fcntl.LOCK_SH)
+            if (vdir / MANIFEST).is_file():
+                try:
+                    yield vdir
+                finally:
+                    fcntl.flock(f, fcntl.LOCK_UN)
+                return
+    raise IndexIntegrityError(f"{root}: the published version kept changing while opening it")
+
+
 def load_manifest(index_dir: str | os.PathLike) -> dict:
-    p = Path(index_dir) / MANIFEST
+    folder = version_dir(index_dir)
+    p = folder / MANIFEST
     if not p.is_file():
         raise IndexIntegrityError(f"{index_dir} is not an index folder: {MANIFEST} is missing")
-    m = json.loads(p.read_text())
-    if m.get("format") != FORMAT:
-        raise IndexIntegrityError(f"{p}: format {m.get('format')!r}, expected {FORMAT!r}")
+    try:
+        m = json.loads(p.read_bytes().decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise IndexIntegrityError(f"{p}: not a valid manifest ({e})") from None
+    if not isinstance(m, dict) or m.get("format") != FORMAT:
+        raise IndexIntegrityError(f"{p}: format {m.get('format') if isinstance(m, dict) else None!r}, "
+                                  f"expected {FORMAT!r}")
+    _check_manifest(p, m)
     return m
+
+
+def _check_manifest(p: Path, m: dict) -> None:
+    """Structure a reader relies on; every name that becomes a path must stay inside the folder."""
+    try:
+        shards, files, cfg = m["shards"], m["files"], m["config"]
+        ok = (isinstance(shards, list) and isinstance(files, dict) and isinstance(cfg, dict)
+              and cfg.get("shards") == len(shards) and isinstance(m["dimension"], int) and m["dimension"] > 0)
+    except KeyError as e:
+        raise IndexIntegrityError(f"{p}: manifest lacks {e}") from None
+    if not ok:
+        raise IndexIntegrityError(f"{p}: malformed manifest (shards/files/config/dimension)")
+    for i, s in enumerate(shards):
+        if not isinstance(s, dict) or s.get("name") != shard_name(i) or not isinstance(s.get("count"), int):
+            name = s.get("name") if isinstance(s, dict) else s
+            raise IndexIntegrityError(f"{p}: shard {i} is named {name!r}, expected {shard_name(i)!r} "
+                                      "(names in a manifest never point outside the index folder)")
+    for rel in files:
+        if not isinstance(rel, str) or rel.startswith("/") or ".." in rel.split("/") or "/" in rel:
+            raise IndexIntegrityError(f"{p}: file name {rel!r} is not a plain name inside the index folder")
 
 
 def verify_index(index_dir: str | os.PathLike, load: bool = False) -> dict:
     """Check every file's sha256 against the manifest (and, with load=True, shard counts)."""
-    folder = Path(index_dir)
+    with open_version(index_dir) as folder:
+        return _verify(folder, load)
+
+
+def _verify(folder: Path, load: bool) -> dict:
     m = load_manifest(folder)
-    actual = folder_checksums(folder, exclude=(MANIFEST,))
+    # (a folder written by an earlier release also holds this layout's lock files while it is converted)
+    actual = {k: v for k, v in folder_checksums(folder, exclude=(MANIFEST,)).items()
+              if k not in (READ_LOCK, WRITE_LOCK, CURRENT) and not k.startswith((f"{VERSIONS}/", "."))}
     for rel, digest in sorted(m["files"].items()):
         if rel not in actual:
             raise IndexIntegrityError(f"{folder}: file {rel} listed in the manifest is missing")
@@ -368,8 +699,9 @@ def verify_index(index_dir: str | os.PathLike, load: bool = False) -> dict:
 
 
 def read_shard_rows(index_dir: str | os.PathLike, i: int, vectors: bool = True) -> ShardRows:
+    """One shard's rows; `index_dir` is an index or (inside `open_version`) a version folder."""
     cols = ["id", "int_id", "content_hash"] + (["vector"] if vectors else [])
-    t = pq.read_table(Path(index_dir) / f"{shard_name(i)}.parquet", columns=cols)
+    t = pq.read_table(version_dir(index_dir) / f"{shard_name(i)}.parquet", columns=cols)
     vec = vectors_from_column(t.column("vector")) if vectors else np.zeros((0, 0), np.float32)
     return ShardRows(t.column("id").to_pylist(), t.column("int_id").to_numpy().astype(np.int64),
                      t.column("content_hash").to_pylist(), vec)
@@ -398,26 +730,31 @@ class Searcher:
 
     def __init__(self, index_dir: str | os.PathLike, model: str | os.PathLike | None = None,
                  nprobe: int | None = None, ef_search: int | None = None, verify: bool = True):
+        for name, v in (("nprobe", nprobe), ("ef_search", ef_search)):
+            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+                raise ValueError(f"{name} must be an integer >= 1, got {v!r}")
         self.dir = Path(index_dir)
-        self.manifest = verify_index(self.dir) if verify else load_manifest(self.dir)
-        m = self.manifest
-        self.dim = int(m["dimension"])
-        self.nprobe = nprobe or m["config"]["nprobe"]
-        self.ef_search = ef_search or m["config"]["ef_search"]
-        self.index = faiss.IndexShards(self.dim, True, False)  # successive_ids=False: ids are global
-        self._shards = []
-        int_ids, str_ids = [], []
-        for i, s in enumerate(m["shards"]):
-            idx = faiss.read_index(str(self.dir / f"{s['name']}.faiss"))
-            if idx.ntotal != s["count"]:
-                raise IndexIntegrityError(f"{self.dir}: shard {s['name']} has {idx.ntotal} vectors, "
-                                          f"manifest says {s['count']}")
-            _set_search_params(idx, self.nprobe, self.ef_search)
-            self._shards.append(idx)  # keep Python refs alive: IndexShards does not own them
-            self.index.add_shard(idx)
-            rows = read_shard_rows(self.dir, i, vectors=False)
-            int_ids.append(rows.int_ids)
-            str_ids.extend(rows.ids)
+        with open_version(self.dir) as vdir:       # every file below comes from this one version
+            self.version = vdir
+            self.manifest = _verify(vdir, load=False) if verify else load_manifest(vdir)
+            m = self.manifest
+            self.dim = int(m["dimension"])
+            self.nprobe = nprobe if nprobe is not None else m["config"]["nprobe"]
+            self.ef_search = ef_search if ef_search is not None else m["config"]["ef_search"]
+            self.index = faiss.IndexShards(self.dim, True, False)  # successive_ids=False: ids are global
+            self._shards = []
+            int_ids, str_ids = [], []
+            for i, s in enumerate(m["shards"]):
+                idx = faiss.read_index(str(vdir / f"{shard_name(i)}.faiss"))
+                if idx.ntotal != s["count"]:
+                    raise IndexIntegrityError(f"{self.dir}: shard {s['name']} has {idx.ntotal} vectors, "
+                                              f"manifest says {s['count']}")
+                _set_search_params(idx, self.nprobe, self.ef_search)
+                self._shards.append(idx)  # keep Python refs alive: IndexShards does not own them
+                self.index.add_shard(idx)
+                rows = read_shard_rows(vdir, i, vectors=False)
+                int_ids.append(rows.int_ids)
+                str_ids.extend(rows.ids)
         iids = np.concatenate(int_ids) if int_ids else np.zeros(0, np.int64)
         order = np.argsort(iids)
         self._int_ids = iids[order]
@@ -439,8 +776,11 @@ class Searcher:
 
     def set_search_params(self, nprobe: int | None = None, ef_search: int | None = None) -> None:
         """Change IVF nprobe / HNSW efSearch on every shard without re-opening the index."""
-        self.nprobe = nprobe or self.nprobe
-        self.ef_search = ef_search or self.ef_search
+        for name, v in (("nprobe", nprobe), ("ef_search", ef_search)):
+            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+                raise ValueError(f"{name} must be an integer >= 1, got {v!r}")
+        self.nprobe = nprobe if nprobe is not None else self.nprobe
+        self.ef_search = ef_search if ef_search is not None else self.ef_search
         for idx in self._shards:
             _set_search_params(idx, self.nprobe, self.ef_search)
 
@@ -457,6 +797,8 @@ class Searcher:
         return int(self.index.ntotal)
 
     def search_vectors(self, vectors: np.ndarray, k: int = 10) -> list[list[Hit]]:
+        if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
+            raise ValueError(f"k must be an integer >= 1, got {k!r}")
         q = normalize(vectors)
         if q.shape[1] != self.dim:
             raise ValueError(f"query vectors have dimension {q.shape[1]}, index has {self.dim}")
@@ -500,7 +842,13 @@ def reindex(index_dir: str | os.PathLike, ids: Sequence[str], hashes: Sequence[s
     are rebuilt (from the stored trained index and stored vectors); untouched shard files are
     hard-linked. Nothing to do -> nothing is written.
     """
-    folder = Path(index_dir)
+    root = Path(index_dir)
+    with writer_lock(root) if root.is_dir() and is_index_dir(root) else contextlib.nullcontext():
+        return _reindex(root, ids, hashes, embed, model, use_ray)
+
+
+def _reindex(root: Path, ids, hashes, embed, model, use_ray) -> ReindexReport:
+    folder = version_dir(root)              # writers are serialised: this version stays until we publish
     m = verify_index(folder)
     if model is not None and model["fingerprint"] != m["model"]["fingerprint"]:
         raise ModelMismatchError(f"model {model['path']!r} (fingerprint {model['fingerprint']}) differs from the "
@@ -540,12 +888,17 @@ def reindex(index_dir: str | os.PathLike, ids: Sequence[str], hashes: Sequence[s
                               .reshape(-1, m["dimension"])])
         rebuild[i] = ShardRows.make(sid, [want[d] for d in sid], vec, m["dimension"])
     trained = faiss.read_index(str(folder / TRAINED))
-    _publish(folder, cfg, m["model"], m["dimension"], trained, rebuild, reuse=(folder, m))
+    _publish(root, cfg, m["model"], m["dimension"], trained, rebuild, reuse=(folder, m), locked=True)
     return report
 
 
 def index_vectors(index_dir: str | os.PathLike) -> tuple[list[str], np.ndarray]:
     """All (id, stored vector) pairs of an index, sorted by id (for comparisons and tests)."""
+    with open_version(index_dir) as vdir:
+        return _index_vectors(vdir)
+
+
+def _index_vectors(index_dir: Path) -> tuple[list[str], np.ndarray]:
     m = load_manifest(index_dir)
     ids, vecs = [], []
     for i in range(m["config"]["shards"]):

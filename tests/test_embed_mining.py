@@ -66,7 +66,7 @@ def test_ray_data_embedding_matches_in_process_encode(model_dir, ray_session, tm
 def test_model_path_build_search_reindex(model_dir, other_model_dir, ray_session, tmp_path, capsys):
     from jobs import build_index, reindex, search
     from pipeline.index import index_vectors, load_manifest
-    from stages.model import model_fingerprint
+    from pipeline.model_paths import model_fingerprint
 
     docs = _docs(60, seed=1)
     corpus = _write_jsonl(tmp_path / "corpus.jsonl", docs)

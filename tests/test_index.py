@@ -33,10 +33,10 @@ def clustered(n, d, n_clusters, seed=0, noise=0.15):
     return _unit(centers[rng.integers(0, n_clusters, n)] + noise * rng.standard_normal((n, d)))
 
 
-def _build(path, vecs, cfg, ids=None, hashes=None, model=MODEL):
+def _build(path, vecs, cfg, ids=None, hashes=None, model=MODEL, overwrite=True):
     ids = ids or [f"doc-{i}" for i in range(len(vecs))]
     hashes = hashes or [f"h{i}" for i in range(len(vecs))]
-    return build_index(path, ids, vecs, hashes, cfg, model)
+    return build_index(path, ids, vecs, hashes, cfg, model, overwrite=overwrite)
 
 
 def test_shard_assignment_is_stable_and_spread():
@@ -183,7 +183,7 @@ def test_failed_build_leaves_previous_index_servable(tmp_path, monkeypatch):
 
 def test_tampered_or_missing_shard_is_detected(tmp_path):
     _build(tmp_path / "ix", clustered(300, 8, 4, seed=11), IndexConfig(factory="Flat", shards=2, use_ray=False))
-    f = tmp_path / "ix" / "shard_00001.faiss"
+    f = pix.version_dir(tmp_path / "ix") / "shard_00001.faiss"
     data = bytearray(f.read_bytes())
     data[-5] ^= 0xFF
     f.write_bytes(bytes(data))
