@@ -14,22 +14,24 @@ Outputs: see `pipeline.tune`. TensorBoard: `tensorboard --logdir OUT`; Ray dashb
 """
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
+
+from jobs._cli import INPUT_ERRORS, Parser, fail, note, positive_int
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent / "configs" / "tune_default.yaml"
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(prog="python -m jobs.tune", description=__doc__.split("\n\n")[0])
+    p = Parser(prog="python -m jobs.tune", description=__doc__.split("\n\n")[0])
     p.add_argument("--model", help="stage-1 output folder (trials = stage 2) or backbone (trials = stage 1 + 2)")
     p.add_argument("--train", help="stage-2 training data: BEIR folder or pairs file")
     p.add_argument("--dev", action="append", help="dev BEIR folder(s) for nDCG@10 (repeatable)")
     p.add_argument("--out", required=True)
-    p.add_argument("--stage1-data", help="backbone mode: stage-1 corpus (JSONL/Parquet/BEIR corpus)")
-    p.add_argument("--trials", type=int, help="number of trials (tune.num_samples)")
-    p.add_argument("--steps", type=int, help="stage-2 steps per trial")
+    p.add_argument("--stage1-data", help="backbone mode: stage-1 corpus (JSONL/Parquet/BEIR corpus; default: the "
+                   "--train BEIR folder's corpus)")
+    p.add_argument("--trials", type=positive_int, help="number of trials (tune.num_samples)")
+    p.add_argument("--steps", type=positive_int, help="stage-2 steps per trial")
     p.add_argument("--config", default=str(DEFAULT_CONFIG), help="search YAML (TrainConfig + tune: section)")
     p.add_argument("--resume", action="store_true", help="finish the interrupted search in --out")
     p.add_argument("overrides", nargs="*", help="dotted key=value overrides (tune.X for the tune section)")
@@ -55,16 +57,16 @@ def main(argv=None) -> int:
             from jobs.train import resolve_model
 
             model = resolve_model(args.model, "generative")
-            ctx = lt.prepare_search(cfg, settings, model, args.train, args.dev, out, stage1_data=args.stage1_data)
+            stage1_data = args.stage1_data or default_stage1_data(model, args.train, settings)
+            ctx = lt.prepare_search(cfg, settings, model, args.train, args.dev, out, stage1_data=stage1_data)
             out.mkdir(parents=True, exist_ok=True)
             lt.save_context(ctx)
         for name in ctx.get("dropped", []):
             print(f"note: tune.space.{name} only changes stage 1, which does not run in these trials (--model is a "
                   "stage-1 folder): not searched", file=sys.stderr)
         summary = lt.run_search(ctx, resume=args.resume)
-    except (ValueError, TypeError, FileNotFoundError, FileExistsError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    except INPUT_ERRORS as e:
+        return fail(e)
     best = summary["best"]
     print(f"{len(summary['trials'])} trials in {summary['seconds']}s "
           f"(concurrency {summary['plan']['max_concurrent_trials']})")
@@ -80,6 +82,19 @@ def main(argv=None) -> int:
               f"python -m jobs.tune --out {out} --resume", file=sys.stderr)
         return 1
     return 0
+
+
+def default_stage1_data(model: str, train: str, settings) -> str | None:
+    """Backbone mode without --stage1-data (or tune.stage1_data): the --train BEIR folder's corpus."""
+    from pipeline.model_paths import is_model_dir
+    from stages.readers import is_beir_folder
+
+    if is_model_dir(model) or settings.stage1_data or not is_beir_folder(train):
+        return None
+    corpus = str(Path(train) / "corpus.jsonl")
+    note(f"--model is a backbone and no --stage1-data was given: stage 1 trains on {corpus} "
+         "(the --train folder's corpus)")
+    return corpus
 
 
 if __name__ == "__main__":

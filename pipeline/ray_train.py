@@ -18,10 +18,9 @@ from pipeline.cluster import ensure_ray
 from pipeline.config import TrainConfig, from_dict
 from pipeline.training import (
     MetricsWriter,
-    claim_out_dir,
     prepare_model,
+    prepare_run,
     read_metrics,
-    read_rows,
     write_report,
 )
 
@@ -236,12 +235,13 @@ def run_ray(cfg: TrainConfig, model_path: str | Path, data_path: str | Path, out
             run_config_kwargs: dict | None = None) -> dict:
     """Train one stage with Ray Train; returns the report (also written to out/report.json)."""
     from pipeline.data import build_dataset, localize
+    from pipeline.model_paths import resolve_model_dir
 
-    out = claim_out_dir(out, overwrite).resolve()
     t0 = time.time()
-    # inputs are validated before any Ray work starts
-    rows, bad = read_rows(cfg, localize(data_path), quarantine=out / "quarantine.jsonl")
-    prepare_model(cfg, model_path)                       # refuses a wrong --model before Ray starts
+    # inputs (rows, model) are validated before any Ray work starts and before --out is touched
+    out, rows, bad, _ = prepare_run(cfg, model_path, localize(data_path), out, overwrite)
+    out = out.resolve()
+    model_path = resolve_model_dir(model_path)           # a run folder stands for its model/
     ensure_ray()
     import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig

@@ -20,6 +20,8 @@ from stages.readers import Quarantine, beir_pairs, is_beir_folder, read_beir, re
 from stages.text import doc_text
 
 RUN_MARKERS = ("report.json", "metrics.jsonl", "model", "checkpoints")
+# everything a run writes into its folder: --overwrite removes these, and nothing else
+RUN_OUTPUTS = (*RUN_MARKERS, "report.md", "tensorboard", "quarantine.jsonl", ".attempts", "ray")
 
 
 # ---------------------------------------------------------------------- model
@@ -29,7 +31,9 @@ def is_lbr_folder(path: str | Path) -> bool:
 
 def prepare_model(cfg: TrainConfig, model_path: str | Path) -> LBRModel:
     """Stage rules of DESIGN §1: stage 2 starts from a stage-1 folder, or is the LLM+CL baseline."""
-    model_path = Path(model_path)
+    from pipeline.model_paths import resolve_model_dir
+
+    model_path = Path(resolve_model_dir(model_path))      # a run folder stands for its model/
     if not model_path.exists():
         raise FileNotFoundError(f"--model {model_path} does not exist")
     if cfg.stage == "contrastive":
@@ -107,18 +111,66 @@ def local_source(tokenizer, rows: list[dict], cfg: TrainConfig, rank: int = 0, w
 
 
 # ---------------------------------------------------------------------- run folder
-def claim_out_dir(out: str | Path, overwrite: bool) -> Path:
-    """Refuse an --out that holds a previous run unless `overwrite`; then clear it."""
+def check_out_dir(out: str | Path, overwrite: bool) -> list[Path]:
+    """Refuse an --out that holds a previous run unless `overwrite`; change nothing.
+
+    Returns the previous run's own entries (RUN_OUTPUTS) that `claim_out_dir` removes once the new
+    run's inputs are validated; other files in the folder are never touched.
+    """
     out = Path(out)
-    if out.exists():
-        found = [m for m in RUN_MARKERS if (out / m).exists()]
-        if found and not overwrite:
-            raise FileExistsError(f"--out {out} holds a previous run ({', '.join(found)}); pass --overwrite "
-                                  "to replace it")
-        if found:
-            shutil.rmtree(out)
+    if out.is_symlink() and not out.exists():
+        raise FileExistsError(f"--out {out} is a dangling symlink")
+    if not out.exists():
+        return []
+    if not out.is_dir():
+        raise FileExistsError(f"--out {out} exists and is not a folder")
+    found = [m for m in RUN_MARKERS if (out / m).exists()]
+    if found and not overwrite:
+        raise FileExistsError(f"--out {out} holds a previous run ({', '.join(found)}); pass --overwrite "
+                              "to replace it")
+    if not found:   # not a run (yet): only a quarantine file an earlier failed attempt left is ours
+        return [out / "quarantine.jsonl"] if (out / "quarantine.jsonl").is_file() else []
+    return [out / e for e in RUN_OUTPUTS if (out / e).exists() or (out / e).is_symlink()]
+
+
+def claim_out_dir(out: str | Path, overwrite: bool, stale: list[Path] | None = None) -> Path:
+    """Create --out, removing a previous run's own entries (only with `overwrite`; see check_out_dir).
+
+    Call it after the inputs are validated: a refused or failing run leaves the old one whole.
+    """
+    out = Path(out)
+    for p in check_out_dir(out, overwrite) if stale is None else stale:
+        shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
     out.mkdir(parents=True, exist_ok=True)
     return out
+
+
+def prepare_run(cfg: TrainConfig, model_path: str | Path, data_path: str | Path, out: str | Path,
+                overwrite: bool, load_model: bool = True):
+    """Validate --out, the rows and the model, and only then claim the run folder.
+
+    Returns (out, rows, bad-record summary, model or None). Quarantined records are collected in a
+    temp file and moved to out/quarantine.jsonl, which a re-run replaces (never appends to).
+    """
+    import os
+    import tempfile
+
+    stale = check_out_dir(out, overwrite)
+    fd, qtmp = tempfile.mkstemp(prefix="lbr-quarantine-", suffix=".jsonl")
+    os.close(fd)
+    os.unlink(qtmp)
+    try:
+        rows, bad = read_rows(cfg, data_path, quarantine=Path(qtmp))
+        model = prepare_model(cfg, model_path) if load_model else None
+        out = claim_out_dir(out, overwrite, stale)
+        if Path(qtmp).exists():
+            shutil.move(qtmp, out / "quarantine.jsonl")
+            bad = {**bad, "quarantine_file": str(out / "quarantine.jsonl")}
+        else:
+            bad = {**bad, "quarantine_file": None}
+    finally:
+        Path(qtmp).unlink(missing_ok=True)
+    return out, rows, bad, model
 
 
 class MetricsWriter:
@@ -191,11 +243,9 @@ def run_inprocess(cfg: TrainConfig, model_path: str | Path, data_path: str | Pat
     from pipeline.engines import TorchEngine
     from pipeline.train_loop import train_loop
 
-    out = claim_out_dir(out, overwrite)
     t_start = time.time()
     torch.manual_seed(cfg.seed)
-    rows, bad = read_rows(cfg, data_path, quarantine=out / "quarantine.jsonl")
-    model = prepare_model(cfg, model_path)
+    out, rows, bad, model = prepare_run(cfg, model_path, data_path, out, overwrite)
     engine = TorchEngine(model, cfg.optim, cfg.steps, cfg.micro_steps())
     writer = MetricsWriter(out, cfg.steps, cfg.stage, progress)
 
