@@ -1,13 +1,42 @@
 """Connecting to Ray: the job's cluster under `ray job submit` (RAY_ADDRESS), else a local one.
 
 One function for every entry point (training, embedding, index shards, Tune), so each starts Ray
-the same way: the dashboard on (Train V2 needs its State API to free placement groups), bound to
-127.0.0.1, this checkout on the workers' PYTHONPATH, offline hub settings passed through.
+the same way: the dashboard on (Train V2 needs its State API to free placement groups), this checkout
+on the workers' PYTHONPATH, offline hub settings passed through.
+
+Local Ray listens on loopback only. Ray's services have no authentication on a local run (the GCS,
+the raylet, the dashboard and its agents, every worker's gRPC port), and by default they bind every
+interface and advertise the machine's LAN address. A local run is one machine, so its node address is
+127.0.0.1: every service binds loopback. Opening a local head to other machines is an explicit choice:
+`LBR_RAY_NODE_IP=<this machine's address>` (and `LBR_RAY_DASHBOARD_HOST` for the dashboard) — do that only
+behind your own network controls; a real cluster is started with `ray start` / `ray up` instead and
+reached through RAY_ADDRESS, which this function never reconfigures.
 """
 from __future__ import annotations
 
 import os
 from pathlib import Path
+
+LOOPBACK = "127.0.0.1"
+
+
+def local_ray_options() -> dict:
+    """`ray.init` keyword arguments that keep a local Ray on loopback (unless explicitly opened).
+
+    Ray turns an explicit 127.0.0.1 node address back into the LAN address; its single-machine mode
+    (the one it uses on macOS/Windows, `RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0`) keeps loopback. It is set
+    here for this process and inherited by the Ray processes it starts.
+    """
+    node_ip = os.environ.get("LBR_RAY_NODE_IP")
+    opts = {"dashboard_host": os.environ.get("LBR_RAY_DASHBOARD_HOST") or LOOPBACK}
+    if node_ip:
+        opts["_node_ip_address"] = node_ip
+    else:
+        import ray._private.ray_constants as rc
+
+        os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+        rc.ENABLE_RAY_CLUSTER = False
+    return opts
 
 
 def ensure_ray(num_cpus: int | None = None):
@@ -28,8 +57,8 @@ def ensure_ray(num_cpus: int | None = None):
         ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=True)
     else:
         # the dashboard is required: without it Train V2 leaks placement groups between runs
-        ray.init(num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1",
-                 runtime_env={"env_vars": env}, configure_logging=False)
+        ray.init(num_cpus=num_cpus, include_dashboard=True, runtime_env={"env_vars": env}, configure_logging=False,
+                 **local_ray_options())
     import sys
 
     import ray.data
@@ -37,3 +66,17 @@ def ensure_ray(num_cpus: int | None = None):
     # Ray Data's progress bars are for terminals; in logs (CI, job submit) they drown the step lines
     ray.data.DataContext.get_current().enable_progress_bars = sys.stderr.isatty()
     return ray
+
+
+def listening_addresses(pids: set[int] | None = None) -> list[tuple[str, int, int]]:
+    """(address, port, pid) of every listening TCP socket of this process's descendants (Ray's services
+    on a local run), or of `pids`."""
+    import psutil
+
+    if pids is None:
+        pids = {p.pid for p in psutil.Process().children(recursive=True)} | {os.getpid()}
+    out = []
+    for c in psutil.net_connections(kind="tcp"):
+        if c.status == psutil.CONN_LISTEN and c.pid in pids:
+            out.append((c.laddr.ip, c.laddr.port, c.pid))
+    return sorted(out)

@@ -40,9 +40,12 @@ def ray_session():
     env = {k: os.environ[k] for k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "TOKENIZERS_PARALLELISM",
                                        "DS_ACCELERATOR", "OMP_NUM_THREADS", "TORCH_EXTENSIONS_DIR")}
     env["PYTHONPATH"] = str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")
+    from pipeline.cluster import local_ray_options
+
     if ray.is_initialized():
         ray.shutdown()
-    ray.init(num_cpus=2, include_dashboard=True, dashboard_host="127.0.0.1", runtime_env={"env_vars": env},
-             configure_logging=False, log_to_driver=False)
+    # loopback only, as every local run (pipeline.cluster.ensure_ray)
+    ray.init(num_cpus=2, include_dashboard=True, runtime_env={"env_vars": env}, configure_logging=False,
+             log_to_driver=False, **local_ray_options())
     yield ray
     ray.shutdown()
