@@ -97,7 +97,8 @@ def bench_index(n: int, d: int, n_queries: int, shards: int, nlist: int, nprobe:
         out = work / f"ix-{n}-{factory.replace(',', '_')}"
         t = time.perf_counter()
         build_index(out, ids, x, hashes, IndexConfig(factory=factory, shards=shards, nprobe=nprobe,
-                                                     train_size=train_size, use_ray=False), model)
+                                                     train_size=train_size, use_ray=False), model,
+                    overwrite=True)
         t_build = time.perf_counter() - t
         t = time.perf_counter()
         s = Searcher(out)
@@ -137,7 +138,7 @@ def bench_reindex(n: int, d: int, shards: int, nlist: int, frac: float, work: Pa
     cfg = IndexConfig(factory=f"IVF{nlist},Flat", shards=shards, use_ray=False)
     out = work / "reindex"
     t = time.perf_counter()
-    build_index(out, ids, x, hashes, cfg, model)
+    build_index(out, ids, x, hashes, cfg, model, overwrite=True)
     t_full = time.perf_counter() - t
     rng = np.random.default_rng(3)
     n_change = max(1, int(n * frac))

@@ -7,6 +7,8 @@ import argparse
 import math
 import sys
 
+MAX_INT = 2**31 - 1     # every count / size / k the commands take fits a C int (FAISS, Ray, torch)
+
 
 class Parser(argparse.ArgumentParser):
     """argparse, but an argument error is one line on stderr (`error: PROG: ...`) and exit status 2."""
@@ -22,6 +24,8 @@ def _int(s: str, lo: int, what: str) -> int:
         raise argparse.ArgumentTypeError(f"{s!r} is not an integer") from None
     if v < lo:
         raise argparse.ArgumentTypeError(f"must be {what}, got {v}")
+    if v > MAX_INT:
+        raise argparse.ArgumentTypeError(f"must be <= {MAX_INT}, got {v}")
     return v
 
 

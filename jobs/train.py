@@ -31,7 +31,7 @@ def parse_args(argv=None):
     p.add_argument("--overwrite", action="store_true", help="replace a previous run in --out")
     p.add_argument("--max-failures", type=nonneg_int, default=2, help="worker-group restarts from the last checkpoint")
     p.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. stage2.tau=0.05")
-    return p.parse_args(argv)
+    return p.parse_intermixed_args(argv)   # key=value overrides may come before or after options
 
 
 def main(argv=None) -> int:

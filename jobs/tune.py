@@ -35,7 +35,7 @@ def parse_args(argv=None):
     p.add_argument("--config", default=str(DEFAULT_CONFIG), help="search YAML (TrainConfig + tune: section)")
     p.add_argument("--resume", action="store_true", help="finish the interrupted search in --out")
     p.add_argument("overrides", nargs="*", help="dotted key=value overrides (tune.X for the tune section)")
-    return p.parse_args(argv)
+    return p.parse_intermixed_args(argv)   # key=value overrides may come before or after options
 
 
 def main(argv=None) -> int:

@@ -68,6 +68,7 @@ CURRENT = "current"
 VERSIONS = "versions"
 READ_LOCK = ".lock"
 WRITE_LOCK = ".writer.lock"
+MAX_SHARDS = 65536
 _VERSION_RE = re.compile(r"^[0-9]{6,}$")
 _SHARD_RE = re.compile(r"^shard_[0-9]{5,}$")
 
@@ -101,8 +102,8 @@ class IndexConfig:
     use_ray: bool | None = field(default=None, compare=False)
 
     def __post_init__(self):
-        if self.shards < 1:
-            raise ValueError(f"IndexConfig.shards must be >= 1, got {self.shards}")
+        if not 1 <= self.shards <= MAX_SHARDS:
+            raise ValueError(f"IndexConfig.shards must be in [1, {MAX_SHARDS}], got {self.shards}")
         for name in ("nprobe", "ef_search", "train_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"IndexConfig.{name} must be >= 1, got {getattr(self, name)}")
@@ -197,7 +198,11 @@ def make_trained_index(factory: str, vectors: np.ndarray, cfg: IndexConfig):
         take = min(n, cfg.train_size)
         idx = np.sort(np.random.default_rng(cfg.seed).choice(n, take, replace=False)) if take < n else None
         sample = vectors if idx is None else vectors[idx]
-        index = _train(index, np.ascontiguousarray(sample))
+        try:
+            index = _train(index, np.ascontiguousarray(sample))
+        except RuntimeError as e:
+            why = re.sub(r"^Error in .*? at \S+:[0-9]+: (Error: )?", "", str(e).strip().splitlines()[-1])
+            raise ValueError(f"factory {factory!r} cannot be trained on {len(sample)} vectors: {why}") from None
     return index
 
 
@@ -802,7 +807,7 @@ class Searcher:
         q = normalize(vectors)
         if q.shape[1] != self.dim:
             raise ValueError(f"query vectors have dimension {q.shape[1]}, index has {self.dim}")
-        scores, ids = self.index.search(q, k)
+        scores, ids = self.index.search(q, int(min(k, max(len(self), 1))))   # more than ntotal adds nothing
         out = []
         for srow, irow in zip(scores, ids):
             keep = irow >= 0

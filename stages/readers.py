@@ -125,6 +125,17 @@ def _field(obj: dict, name: str, path, n: int, q: Quarantine, required: bool = T
     return v
 
 
+def _fields(obj: dict, path, n: int, q: Quarantine, *specs: tuple[str, dict]) -> list[str] | None:
+    """Validate fields in order and stop at the first bad one: one bad line is one bad record."""
+    out = []
+    for name, kw in specs:
+        v = _field(obj, name, path, n, q, **kw)
+        if v is None:
+            return None
+        out.append(v)
+    return out
+
+
 def _first_present(obj: dict, names: tuple[str, ...]) -> str:
     return next((n for n in names if n in obj), names[0])
 
@@ -170,11 +181,11 @@ def parse_grade(score: str) -> int | str:
 def read_beir_corpus(path: str | os.PathLike, q: Quarantine) -> dict[str, dict]:
     corpus: dict[str, dict] = {}
     for n, obj in iter_jsonl(path, q):
-        did = _field(obj, "_id", path, n, q, ids=True)
-        text = _field(obj, "text", path, n, q)
-        title = _field(obj, "title", path, n, q, required=False, allow_empty=True)
-        if did is None or text is None or title is None:
+        got = _fields(obj, path, n, q, ("_id", {"ids": True}), ("text", {}),
+                      ("title", {"required": False, "allow_empty": True}))
+        if got is None:
             continue
+        did, text, title = got
         if did in corpus:
             q.bad(path, n, f"duplicate id: '{did}'", obj)
             continue
@@ -201,10 +212,10 @@ def read_beir(folder: str | os.PathLike, split: str = "test", skip_bad_records: 
     corpus = read_beir_corpus(files["corpus"], q)
     queries: dict[str, str] = {}
     for n, obj in iter_jsonl(files["queries"], q):
-        qid = _field(obj, "_id", files["queries"], n, q, ids=True)
-        text = _field(obj, "text", files["queries"], n, q)
-        if qid is None or text is None:
+        got = _fields(obj, files["queries"], n, q, ("_id", {"ids": True}), ("text", {}))
+        if got is None:
             continue
+        qid, text = got
         if qid in queries:
             q.bad(files["queries"], n, f"duplicate id: '{qid}'", obj)
             continue
@@ -299,13 +310,18 @@ def read_corpus(path: str | os.PathLike, text_field: str | None = None, skip_bad
     """
     q = make_quarantine(skip_bad_records, quarantine)
     out, seen = [], set()
+    p = Path(path)
+    # rows without an id are numbered per file: in a folder of several Parquet files, prefixed by the file
+    several = p.is_dir() and not (p / "corpus.jsonl").exists() and len(list(p.rglob("*.parquet"))) > 1
     for f, n, obj in iter_records(path, q):
         id_name = _first_present(obj, ("_id", "id"))
-        did = _field(obj, id_name, f, n, q, ids=True) if id_name in obj else str(n)
-        text = _field(obj, text_field or "text", f, n, q)
-        title = _field(obj, "title", f, n, q, required=False, allow_empty=True)
-        if did is None or text is None or title is None:
+        did = _field(obj, id_name, f, n, q, ids=True) if id_name in obj else (
+            f"{Path(f).relative_to(path).as_posix()}:{n}" if several else str(n))
+        got = None if did is None else _fields(obj, f, n, q, (text_field or "text", {}),
+                                               ("title", {"required": False, "allow_empty": True}))
+        if got is None:
             continue
+        text, title = got
         if did in seen:
             q.bad(f, n, f"duplicate id: '{did}'", obj)
             continue
@@ -321,10 +337,10 @@ def read_pairs(path: str | os.PathLike, query_field: str = "query", positive_fie
     q = make_quarantine(skip_bad_records, quarantine)
     rows = []
     for f, n, obj in iter_records(path, q):
-        qt = _field(obj, query_field, f, n, q)
-        pt = _field(obj, positive_field, f, n, q)
-        if qt is None or pt is None:
+        got = _fields(obj, f, n, q, (query_field, {}), (positive_field, {}))
+        if got is None:
             continue
+        qt, pt = got
         negs = obj.get(negatives_field)
         if negs is None:
             negs = []                                   # absent or null: no negatives (in-batch only)
