@@ -188,3 +188,39 @@ def test_searcher_refuses_nonpositive_search_parameters(tmp_path):
             Searcher(tmp_path / "ix", **kw)
     with pytest.raises(ValueError, match="k must be"):
         Searcher(tmp_path / "ix").search_vectors(x, 0)
+
+
+def test_non_utf8_input_is_named_by_file_and_line_in_every_data_cli(files, tiny_backbone, tmp_path, capsys):
+    from jobs import build_index, evaluate, mine_negatives, reindex, search, train
+
+    bad_line = b'{"_id": "zz", "text": "caf\xe9"}\n'
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_bytes(files["corpus"].read_bytes() + bad_line)
+    beir = tmp_path / "beir"
+    shutil.copytree(files["beir"], beir)
+    (beir / "queries.jsonl").write_bytes((beir / "queries.jsonl").read_bytes() + b'{"_id": "qz", "text": "\xff"}\n')
+    n_corpus = len(corpus.read_bytes().splitlines())
+    n_queries = len((beir / "queries.jsonl").read_bytes().splitlines())
+    ix = tmp_path / "ix"
+    assert build_index.main(["--model", "hashing:8", "--corpus", str(files["corpus"]), "--out", str(ix),
+                             "--no-ray", "--shards", "1"]) == 0
+    qfile = tmp_path / "q.jsonl"
+    qfile.write_bytes(b'{"_id": "1", "text": "fine"}\n{"_id": "2", "text": "\xc3\x28"}\n')
+    cases = [
+        (build_index.main, ["--model", "hashing:8", "--corpus", str(corpus), "--out", str(tmp_path / "ix2"),
+                            "--no-ray"], f"corpus.jsonl:{n_corpus}: invalid UTF-8"),
+        (reindex.main, ["--index", str(ix), "--corpus", str(corpus), "--no-ray"], f"corpus.jsonl:{n_corpus}: invalid UTF-8"),
+        (search.main, ["--index", str(ix), "--queries", str(qfile), "--out", str(tmp_path / "run.jsonl")],
+         "q.jsonl:2: invalid UTF-8"),
+        (evaluate.main, ["--baseline", "bm25", "--data", str(beir), "--out", str(tmp_path / "r.json")],
+         f"queries.jsonl:{n_queries}: invalid UTF-8"),
+        (mine_negatives.main, ["--model", "hashing:8", "--data", str(beir), "--out", str(tmp_path / "n.parquet"),
+                               "--no-ray"], f"queries.jsonl:{n_queries}: invalid UTF-8"),
+        (train.main, ["--stage", "generative", "--model", str(tiny_backbone), "--data", str(corpus),
+                      "--out", str(tmp_path / "run"), *COMMON], f"corpus.jsonl:{n_corpus}: invalid UTF-8"),
+    ]
+    capsys.readouterr()
+    for main, argv, where in cases:
+        assert main(argv) == 2, argv
+        assert where in _one_error_line(capsys), (argv, where)
+    assert not (tmp_path / "ix2").exists() and not (tmp_path / "run").exists()
