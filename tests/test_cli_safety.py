@@ -70,7 +70,11 @@ def test_rerun_replaces_quarantine_instead_of_appending(files, tiny_backbone, tm
     bad.write_text(files["corpus"].read_text() + "{broken\n" * 5)
     args = ["--stage", "generative", "--model", str(tiny_backbone), "--data", str(bad), "--out", str(tmp_path / "r"),
             "--steps", "1", *COMMON, "data.skip_bad_records=true"]
-    assert train.main(args) == 0
+    (tmp_path / "not_a_model").mkdir()
+    failing = [*args[:3], str(tmp_path / "not_a_model"), *args[4:]]
+    assert train.main(failing) == 2                       # a failed run: the model is unusable
+    assert train.main(args) == 0                          # re-run: the quarantine is this run's alone
+    assert len((tmp_path / "r" / "quarantine.jsonl").read_text().splitlines()) == 5
     assert train.main([*args, "--overwrite"]) == 0
     assert len((tmp_path / "r" / "quarantine.jsonl").read_text().splitlines()) == 5
     rep = json.loads((tmp_path / "r" / "report.json").read_text())
