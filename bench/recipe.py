@@ -43,7 +43,7 @@ VARIANTS: dict[str, dict] = {
     "cl_bottleneck": {"fresh": {"num_bottleneck": 8}, "s2": ["stage2.lam=0", "stage2.beta=0"]},
     "cl_bottleneck_random": {"fresh": {"num_bottleneck": 8, "head_init": "random", "bottleneck_init": "random"},
                              "s2": ["stage2.lam=0", "stage2.beta=0"]},
-    "lbr_bow": {"s1": ["stage1.comp=bow", "stage1.beta=0.01"], "s2": ["stage2.refine=bow", "stage2.lam=0.1",
+    "lbr_bow": {"s1": ["stage1.comp=bow", "stage1.beta=0.01", "stage1.lm_fraction=0.25"], "s2": ["stage2.refine=bow", "stage2.lam=0.1",
                                                                       "stage2.beta=0.01"]},
     "lbr_bow_nolm": {"s1": ["stage1.comp=bow", "stage1.lm_weight=0", "stage1.beta=0.01"],
                      "s2": ["stage2.refine=bow", "stage2.lam=0.1", "stage2.beta=0.01"]},
