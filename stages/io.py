@@ -9,7 +9,9 @@ import contextlib
 import hashlib
 import json
 import os
+import re
 import shutil
+import socket
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -47,6 +49,38 @@ def write_json(path: str | os.PathLike, obj, indent: int = 2) -> None:
     os.replace(tmp, path)
 
 
+def _owner() -> str:
+    return f"{socket.gethostname()}-{os.getpid()}"
+
+
+def _alive(host: str, pid: int) -> bool:
+    if host != socket.gethostname():
+        return True                       # another machine's process: not ours to judge
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_stale_temps(final: str | os.PathLike) -> list[str]:
+    """Remove `.NAME.tmp-<host>-<pid>-*` / `.NAME.old-<host>-<pid>-*` siblings of `final` left by a
+    process on this host that is gone (a killed save); a running writer's temp folder is kept."""
+    final = Path(final)
+    removed = []
+    if not final.parent.is_dir():
+        return removed
+    pat = re.compile(rf"^\.{re.escape(final.name)}\.(tmp|old)-(.+)-([0-9]+)(-.*)?$")
+    for e in os.listdir(final.parent):
+        m = pat.match(e)
+        if m and not _alive(m.group(2), int(m.group(3))):
+            shutil.rmtree(final.parent / e, ignore_errors=True)
+            removed.append(e)
+    return removed
+
+
 @contextlib.contextmanager
 def atomic_dir(final: str | os.PathLike, overwrite: bool = True) -> Iterator[Path]:
     """Yield a temp folder next to `final`; on success it replaces `final` in one rename.
@@ -58,7 +92,8 @@ def atomic_dir(final: str | os.PathLike, overwrite: bool = True) -> Iterator[Pat
     final.parent.mkdir(parents=True, exist_ok=True)
     if final.exists() and not overwrite:
         raise FileExistsError(f"{final} already exists")
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
+    remove_stale_temps(final)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-{_owner()}-", dir=final.parent))
     try:
         yield tmp
     except BaseException:
@@ -66,7 +101,7 @@ def atomic_dir(final: str | os.PathLike, overwrite: bool = True) -> Iterator[Pat
         raise
     old = None
     if final.exists():
-        old = final.with_name(f".{final.name}.old-{os.getpid()}")
+        old = final.with_name(f".{final.name}.old-{_owner()}-{os.getpid()}")
         os.rename(final, old)
     os.rename(tmp, final)
     if old is not None:

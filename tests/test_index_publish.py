@@ -198,3 +198,20 @@ def test_index_written_by_an_earlier_release_is_read_and_converted(tmp_path):
     reindex(legacy, [f"doc-{i}" for i in range(100)], [f"h{i}" for i in range(100)], lambda t: _vecs(len(t)))
     assert (legacy / "current").is_symlink() and len(Searcher(legacy)) == 100
     assert not list(legacy.glob("shard_*")) and not (legacy / "trained.faiss").exists()
+
+
+def test_killed_saves_leave_no_temp_folders_next_to_a_model(tmp_path):
+    from stages.io import atomic_dir
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True, check=True).stdout.strip()
+    host = socket.gethostname()
+    stale = [tmp_path / f".model.tmp-{host}-{dead}-abc", tmp_path / f".model.old-{host}-{dead}"]
+    live = tmp_path / f".model.tmp-{host}-{os.getpid()}-xyz"
+    other_host = tmp_path / f".model.tmp-elsewhere-{dead}-q"
+    for p in [*stale, live, other_host]:
+        p.mkdir()
+    with atomic_dir(tmp_path / "model") as d:
+        (d / "f").write_text("x")
+    assert not any(p.exists() for p in stale) and live.exists() and other_host.exists()
+    assert (tmp_path / "model" / "f").read_text() == "x"
