@@ -712,6 +712,14 @@ def read_shard_rows(index_dir: str | os.PathLike, i: int, vectors: bool = True) 
                      t.column("content_hash").to_pylist(), vec)
 
 
+def _check_fingerprint_version(index_dir: Path, fingerprint: str | None) -> None:
+    """Indexes from before the tokenizer was fingerprinted cannot prove their query model matches."""
+    if isinstance(fingerprint, str) and re.fullmatch(r"[0-9a-f]{64}", fingerprint):   # bare sha256: before v2
+        raise ModelMismatchError(f"index {index_dir} was built by an earlier release whose model fingerprint "
+                                 "does not cover the tokenizer, so no query model can be checked against it; "
+                                 "rebuild it: python -m jobs.build_index ... --overwrite")
+
+
 class Hit(NamedTuple):
     id: str
     score: float
@@ -773,6 +781,7 @@ class Searcher:
         from pipeline.embed import model_identity
 
         want = self.manifest["model"]["fingerprint"]
+        _check_fingerprint_version(self.dir, want)
         got = model_identity(ref)["fingerprint"]
         if got != want:
             raise ModelMismatchError(f"model {ref!r} has fingerprint {got}, but index {self.dir} was built "
@@ -855,6 +864,8 @@ def reindex(index_dir: str | os.PathLike, ids: Sequence[str], hashes: Sequence[s
 def _reindex(root: Path, ids, hashes, embed, model, use_ray) -> ReindexReport:
     folder = version_dir(root)              # writers are serialised: this version stays until we publish
     m = verify_index(folder)
+    if model is not None:
+        _check_fingerprint_version(root, m["model"]["fingerprint"])
     if model is not None and model["fingerprint"] != m["model"]["fingerprint"]:
         raise ModelMismatchError(f"model {model['path']!r} (fingerprint {model['fingerprint']}) differs from the "
                                  f"index's {m['model']['path']!r} ({m['model']['fingerprint']}); re-indexing "

@@ -215,3 +215,14 @@ def test_killed_saves_leave_no_temp_folders_next_to_a_model(tmp_path):
         (d / "f").write_text("x")
     assert not any(p.exists() for p in stale) and live.exists() and other_host.exists()
     assert (tmp_path / "model" / "f").read_text() == "x"
+
+
+def test_index_with_a_pre_tokenizer_fingerprint_asks_for_a_rebuild(tmp_path):
+    from pipeline.index import ModelMismatchError
+
+    legacy = {"path": "/old/model", "fingerprint": "ab" * 32}
+    build_index(tmp_path / "ix", ["a", "b"], _vecs(2), ["1", "2"], IndexConfig(shards=1, use_ray=False), legacy)
+    with pytest.raises(ModelMismatchError, match="rebuild it"):
+        Searcher(tmp_path / "ix", model="hashing:8")
+    with pytest.raises(ModelMismatchError, match="rebuild it"):
+        reindex(tmp_path / "ix", ["a"], ["1"], lambda t: _vecs(len(t)), model=MODEL)
