@@ -127,7 +127,7 @@ print(r)
 def test_concurrent_opens_during_continuous_reindexing_never_fail(tmp_path):
     ix = tmp_path / "ix"
     _build(ix)
-    seconds = 6.0
+    seconds = 4.0
     w = subprocess.Popen([sys.executable, "-c", WRITER, str(ix), str(ROOT), str(seconds)],
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     opens, failures = 0, []
