@@ -217,7 +217,7 @@ def build(cfg: PipelineConfig, model: str, corpus: str, out: Path) -> dict:
     from jobs.build_index import main as build_main
 
     rc = build_main(["--model", model, "--corpus", corpus, "--out", str(out), "--shards", str(cfg.index.shards),
-                     "--factory", cfg.index.factory])
+                     "--factory", cfg.index.factory, "--overwrite"])
     if rc != 0:
         raise RuntimeError(f"build_index failed with exit code {rc}")
     return json.loads((out / "manifest.json").read_text())

@@ -15,7 +15,6 @@ Baseline poolings (`last`, `mean`) use the same API with K = 0 for the LLM+CL ba
 """
 from __future__ import annotations
 
-import hashlib
 import json
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -27,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from stages.backbone import load_backbone
-from stages.io import atomic_dir, sha256_file
+from stages.io import atomic_dir
 
 POOLINGS = ("bottleneck", "last", "mean")
 HEAD_INITS = ("identity", "random")
@@ -409,16 +408,3 @@ def _maybe_lora(lm: nn.Module, cfg: LBRConfig) -> nn.Module:
 
 def _is_tied(model: LBRModel, name: str) -> bool:
     return name.endswith("lm_head.weight") and bool(getattr(model.lm.config, "tie_word_embeddings", False))
-
-
-def model_fingerprint(path: str | Path) -> str:
-    """Stable identity of a saved model folder: sha256 over its config and weights files."""
-    path = Path(path)
-    h = hashlib.sha256()
-    for name in (CONFIG_NAME, WEIGHTS_NAME):
-        f = path / name
-        if not f.exists():
-            raise FileNotFoundError(f"{path} is not an LBR model folder: {name} is missing")
-        h.update(name.encode())
-        h.update(sha256_file(f).encode())
-    return h.hexdigest()
