@@ -37,31 +37,29 @@ def nonneg_int(s: str) -> int:
     return _int(s, 0, ">= 0")
 
 
-def positive_float(s: str) -> float:
+def _number(s: str) -> float:
     try:
-        v = float(s)
+        return float(s)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{s!r} is not a number") from None
+
+
+def positive_float(s: str) -> float:
+    v = _number(s)
     if not v > 0 or v == float("inf"):
         raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {s}")
     return v
 
 
 def fraction(s: str) -> float:
-    try:
-        v = float(s)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{s!r} is not a number") from None
+    v = _number(s)
     if not 0.0 <= v <= 1.0:
         raise argparse.ArgumentTypeError(f"must be a fraction in [0, 1], got {s}")
     return v
 
 
 def finite_float(s: str) -> float:
-    try:
-        v = float(s)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{s!r} is not a number") from None
+    v = _number(s)
     if not math.isfinite(v):
         raise argparse.ArgumentTypeError(f"must be a finite number, got {s}")
     return v
