@@ -96,6 +96,7 @@ def test_two_trial_search_writes_csv_best_yaml_plot_and_tensorboard(ray_session,
     assert main(_args(search_inputs, out)) == 2
 
 
+@pytest.mark.slow   # ~2.3 min: kept out of the default suite (15-min budget); `make test-all` runs it
 def test_interrupted_search_resumes_and_finishes(ray_session, search_inputs, tmp_path):
     from jobs.tune import main
 
