@@ -13,11 +13,6 @@ def token_nll(logits: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor) ->
     return F.cross_entropy(logits[m].float(), labels[m])
 
 
-def lm_loss(lm_logits: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """L_lm: plain causal LM loss on the text of the encode pass (logits at 0..L-2 predict 1..L-1)."""
-    return token_nll(lm_logits, input_ids[:, 1:], attention_mask[:, 1:])
-
-
 def comp_loss(decode_logits: torch.Tensor, target_ids: torch.Tensor, target_mask: torch.Tensor) -> torch.Tensor:
     """L_comp: NLL of the target given only the soft prompts P(z)."""
     return token_nll(decode_logits, target_ids, target_mask)

@@ -100,7 +100,6 @@ class Encoded:
     mu: torch.Tensor | None = None          # (B, K, dz)
     logvar: torch.Tensor | None = None      # (B, K, dz)
     z: torch.Tensor | None = None           # (B, K, dz): sample in training, mu otherwise
-    lm_logits: torch.Tensor | None = None   # (B, L-1, V) next-token logits over the text, when asked
 
 
 class LBRModel(nn.Module):
@@ -228,7 +227,7 @@ class LBRModel(nn.Module):
 
     # ------------------------------------------------------------------ encode pass
     def encode_batch(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, sample: bool = False,
-                     with_lm_logits: bool = False, generator: torch.Generator | None = None,
+                     generator: torch.Generator | None = None,
                      eps: torch.Tensor | None = None) -> Encoded:
         """Run the encode pass on right-padded token ids (B, L) with their mask.
 
@@ -261,8 +260,6 @@ class LBRModel(nn.Module):
         hidden = self.decoder()(inputs_embeds=embeds, attention_mask=mask, position_ids=position_ids,
                                 use_cache=False).last_hidden_state
         out = Encoded(hidden=hidden)
-        if with_lm_logits and seq > 1:
-            out.lm_logits = self.lm_head()(hidden[:, : seq - 1])
         if k > 0:
             idx = (lengths.unsqueeze(1) + torch.arange(k, device=hidden.device)).unsqueeze(-1)
             h_b = torch.gather(hidden, 1, idx.expand(b, k, hidden.size(-1)))
