@@ -26,7 +26,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from bench.quality import DATA, atomic_write_text, log, read_jsonl, write_jsonl
+from bench.quality import DATA, atomic_write_text, log, read_jsonl, run_stats, write_jsonl
 
 COMMON = ["optim.lr=2e-4", "optim.warmup_steps=5", "model.lora_r=16", "model.num_layers=8", "engine.kind=torch",
           "log_every=5", "model.max_length=128", "stage2.query_len=32", "stage2.doc_len=128"]
@@ -94,7 +94,7 @@ def main(argv=None) -> int:
 
     from pipeline.config import load_train_config
     from pipeline.evaluate import EvalConfig, evaluate_retriever, load_beir
-    from pipeline.training import read_metrics, run_inprocess
+    from pipeline.training import run_inprocess
     from stages.backbone import resolve_backbone
     from stages.model import LBRModel
 
@@ -111,12 +111,6 @@ def main(argv=None) -> int:
 
     def extra(items, name):
         return [x.split(":", 1)[1] for x in items if x.split(":", 1)[0] == name]
-
-    def stage_stats(run: Path) -> dict:
-        rep = json.loads((run / "report.json").read_text())
-        tps = [m["tokens_per_s"] for m in read_metrics(run / "metrics.jsonl")[1:]]
-        return {"seconds": rep["seconds"], "tokens_per_s": round(sum(tps) / len(tps), 1) if tps else None,
-                "final": rep["final"]}
 
     for name in a.variants:
         key = a.alias or name
@@ -138,12 +132,12 @@ def main(argv=None) -> int:
                 ov1 = COMMON + S1 + [f"steps={v.get('s1_steps', a.steps1)}"] + v["s1"] + extra(a.extra1, name)
                 run1 = a.work / key / "s1"
                 run_inprocess(load_train_config(None, ov1), bb, p1, run1, overwrite=True, progress=False)
-                entry["stage1"] = {"overrides": ov1, **stage_stats(run1)}
+                entry["stage1"] = {"overrides": ov1, **run_stats(run1)}
                 start = run1 / "model"
             ov2 = COMMON + S2 + [f"steps={a.steps2}"] + v["s2"] + extra(a.extra, name)
             run2 = a.work / key / "s2"
             run_inprocess(load_train_config(None, ov2), start, p2, run2, overwrite=True, progress=False)
-            entry["stage2"] = {"overrides": ov2, **stage_stats(run2)}
+            entry["stage2"] = {"overrides": ov2, **run_stats(run2)}
             model = LBRModel.from_pretrained(run2 / "model")
         m = evaluate_retriever(model, data, ecfg)
         entry.update({k: round(float(m[k]), 4) for k in ("ndcg@10", "recall@100", "mrr@10")})
