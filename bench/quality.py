@@ -350,7 +350,7 @@ def train_cfg(stage: str, a, extra: list[str], steps: int):
 
 def run_stats(run: Path) -> dict:
     """seconds, mean tokens/s (first logged interval excluded) and the model folder of a finished run."""
-    from pipeline.training import read_metrics
+    from pipeline.train.run_folder import read_metrics
 
     rep = json.loads((run / "report.json").read_text())
     tps = [m["tokens_per_s"] for m in read_metrics(run / "metrics.jsonl")]
@@ -360,7 +360,7 @@ def run_stats(run: Path) -> dict:
 
 
 def ensure_run(name: str, stage: str, a, extra, model_in: Path, data: Path, runs: Path, steps: int) -> Path:
-    from pipeline.training import run_inprocess
+    from pipeline.train.inprocess import run_inprocess
 
     out = runs / name
     if (out / "report.json").exists() and (out / "model").exists():

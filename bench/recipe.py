@@ -94,7 +94,7 @@ def main(argv=None) -> int:
 
     from pipeline.config import load_train_config
     from pipeline.evaluate import EvalConfig, evaluate_retriever, load_beir
-    from pipeline.training import run_inprocess
+    from pipeline.train.inprocess import run_inprocess
     from stages.backbone import resolve_backbone
     from stages.model import LBRModel
 

@@ -31,7 +31,8 @@ def main() -> None:
     a = ap.parse_args()
 
     from pipeline.config import load_train_config
-    from pipeline.training import read_metrics, run_inprocess
+    from pipeline.train.inprocess import run_inprocess
+    from pipeline.train.run_folder import read_metrics
     from stages import LBRModel
     from stages.backbone import resolve_backbone
 

@@ -42,8 +42,9 @@ def main() -> None:
 
     from pipeline.cluster import ensure_ray
     from pipeline.config import load_train_config
-    from pipeline.ray_train import run_ray
-    from pipeline.training import read_metrics, run_inprocess
+    from pipeline.train.inprocess import run_inprocess
+    from pipeline.train.ray_runner import run_ray
+    from pipeline.train.run_folder import read_metrics
     from stages.synthetic import synthetic_retrieval
     from stages.tiny import build_tiny_backbone, synthetic_corpus
 

@@ -44,11 +44,11 @@ def main(argv=None) -> int:
                                 engine={"zero": args.zero} if args.zero is not None else None)
         model = resolve_model(args.model, args.stage)
         if cfg.engine.kind == "torch":
-            from pipeline.training import run_inprocess
+            from pipeline.train.inprocess import run_inprocess
 
             report = run_inprocess(cfg, model, args.data, args.out, overwrite=args.overwrite)
         else:
-            from pipeline.ray_train import run_ray
+            from pipeline.train.ray_runner import run_ray
 
             report = run_ray(cfg, model, args.data, args.out, overwrite=args.overwrite,
                              max_failures=args.max_failures)

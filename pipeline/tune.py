@@ -1,7 +1,7 @@
 """Ray Tune search over the LBR knobs (bottleneck strength beta, K, temperature tau, refinement lambda).
 
 Each trial is a Tune *function trainable* that runs the ordinary Ray Train stage(s) through
-`pipeline.ray_train.run_ray` (Train V2 pattern: the trial builds and fits the TorchTrainer itself and
+`pipeline.train.ray_runner.run_ray` (Train V2 pattern: the trial builds and fits the TorchTrainer itself and
 a `TuneReportCallback` turns each `ray.train.report` into a Tune result). The workers measure dev
 nDCG@10 every `tune.eval_every` steps, so ASHA can stop weak trials early.
 
@@ -244,7 +244,7 @@ def run_trial(params: dict, ctx: dict) -> None:
     """The Tune function trainable: stage 1 (backbone mode) then stage 2, each a Ray Train run."""
     from ray import tune
 
-    from pipeline.ray_train import run_ray
+    from pipeline.train.ray_runner import run_ray
 
     trial_id = tune.get_context().get_trial_id()
     root = Path(ctx["out"]) / "runs" / trial_id
@@ -329,7 +329,7 @@ def reap_orphan_train_pgs(suspects: set) -> set:
 def prepare_search(cfg: TrainConfig, settings: TuneSettings, model: str, train: str, dev: list[str], out: Path,
                    stage1_data: str | None = None) -> dict:
     """Validate everything before Ray starts and return the search context (saved as search.json)."""
-    from pipeline.training import is_lbr_folder
+    from pipeline.train.start_model import is_lbr_folder
 
     if not Path(model).exists():
         raise FileNotFoundError(f"--model {model} does not exist")
@@ -381,7 +381,8 @@ def prepare_search(cfg: TrainConfig, settings: TuneSettings, model: str, train: 
     if mode == "backbone":
         trial_config(ctx, probe, "generative")
     # the same rows/model checks a training run does, once, before Ray
-    from pipeline.training import prepare_model, read_rows
+    from pipeline.train.rows import read_rows
+    from pipeline.train.start_model import prepare_model
 
     read_rows(trial_config(ctx, probe, "contrastive"), train)
     if mode == "backbone":

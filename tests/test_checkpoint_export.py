@@ -4,8 +4,8 @@ import numpy as np
 import torch
 
 from pipeline.config import load_train_config
-from pipeline.engines import TorchEngine
-from pipeline.ray_train import export_model
+from pipeline.train.engines import TorchEngine
+from pipeline.train.ray_runner import export_model
 from stages import LBRModel
 from stages.tiny import build_tiny_backbone
 
@@ -14,7 +14,7 @@ def test_export_of_tied_embedding_checkpoint(tmp_path):
     bb = build_tiny_backbone(tmp_path / "tied", tie_embeddings=True)
     cfg = load_train_config(None, ["stage=generative", "model.num_bottleneck=2", "model.lora_r=4"])
     torch.manual_seed(cfg.seed)
-    from pipeline.training import prepare_model
+    from pipeline.train.start_model import prepare_model
 
     model = prepare_model(cfg, bb)
     assert model.lm.config.tie_word_embeddings

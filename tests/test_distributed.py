@@ -42,7 +42,7 @@ def _write_beir(folder: Path, n: int = 64) -> Path:
 def _gather_loss_worker(config):
     import ray.train
 
-    from pipeline.ray_train import _gather_with_grad
+    from pipeline.train.ray_runner import _gather_with_grad
 
     rank = ray.train.get_context().get_world_rank()
     torch.manual_seed(0)
@@ -150,7 +150,7 @@ def test_both_stages_two_workers_zero2_through_jobs_train(ray_session, tiny_back
 
 # ---------------------------------------------------------------------- fault tolerance
 def test_killed_worker_resumes_from_last_checkpoint(ray_session, tiny_backbone, tmp_path):
-    from pipeline.ray_train import run_ray
+    from pipeline.train.ray_runner import run_ray
 
     corpus = _write_corpus(tmp_path / "corpus.jsonl")
     cfg = load_train_config(None, ["stage=generative", "steps=8", "workers=2", "batch_size=4", "log_every=1",
@@ -184,7 +184,7 @@ def test_killed_worker_resumes_from_last_checkpoint(ray_session, tiny_backbone, 
 
 def test_data_from_a_filesystem_uri(tmp_path):
     """`--data` accepts URIs; file:// (and any pyarrow.fs scheme) resolves to readable local files."""
-    from pipeline.data import localize
+    from pipeline.train.stream import localize
     from stages.readers import read_beir, read_corpus
 
     corpus = _write_corpus(tmp_path / "corpus.jsonl", n=10)

@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from pipeline.config import load_train_config
-from pipeline.engines import TorchEngine
-from pipeline.train_loop import train_loop
+from pipeline.train.engines import TorchEngine
+from pipeline.train.loop import train_loop
 from stages import LBRModel
 from stages.objectives import Stage2Config, compute_loss_stage2, grad_cache_stage2, stage2_arrays, to_tensors
 from stages.synthetic import synthetic_retrieval

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from pipeline.config import load_train_config
-from pipeline.training import prepare_model
+from pipeline.train.start_model import prepare_model
 from stages import LBRModel
 from stages.losses import comp_loss
 from stages.model import pad_right

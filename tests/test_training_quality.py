@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 
 from pipeline.config import load_train_config
-from pipeline.training import read_metrics, run_inprocess
+from pipeline.train.inprocess import run_inprocess
+from pipeline.train.run_folder import read_metrics
 from stages import LBRModel
 from stages.synthetic import synthetic_retrieval
 

@@ -16,13 +16,9 @@ from pathlib import Path
 
 from pipeline.cluster import ensure_ray
 from pipeline.config import TrainConfig, from_dict
-from pipeline.training import (
-    MetricsWriter,
-    prepare_model,
-    prepare_run,
-    read_metrics,
-    write_report,
-)
+from pipeline.train.inprocess import prepare_run
+from pipeline.train.run_folder import MetricsWriter, read_metrics, write_report
+from pipeline.train.start_model import prepare_model
 
 STATE_FILE = "trainer_state.json"
 
@@ -36,7 +32,7 @@ def _gather_with_grad(t):
 
 
 def make_engine(model, cfg: TrainConfig, rank: int, world: int, use_cuda: bool):
-    from pipeline.engines import DDPEngine, DeepSpeedEngine, TorchEngine
+    from pipeline.train.engines import DDPEngine, DeepSpeedEngine, TorchEngine
 
     if cfg.engine.kind == "deepspeed":
         return DeepSpeedEngine(model, cfg, cfg.steps, world, use_cuda)
@@ -53,8 +49,8 @@ def worker_fn(config: dict) -> None:
     import ray.train.torch
     import torch
 
-    from pipeline.data import shard_source
-    from pipeline.train_loop import train_loop
+    from pipeline.train.loop import train_loop
+    from pipeline.train.stream import shard_source
 
     cfg = from_dict(TrainConfig, config["cfg"])
     ctx = ray.train.get_context()
@@ -234,8 +230,8 @@ def run_ray(cfg: TrainConfig, model_path: str | Path, data_path: str | Path, out
             pid_file: str | None = None, debug: dict | None = None, eval_config: dict | None = None,
             run_config_kwargs: dict | None = None) -> dict:
     """Train one stage with Ray Train; returns the report (also written to out/report.json)."""
-    from pipeline.data import build_dataset, localize
     from pipeline.model_paths import resolve_model_dir
+    from pipeline.train.stream import build_dataset, localize
 
     t0 = time.time()
     # inputs (rows, model) are validated before any Ray work starts and before --out is touched

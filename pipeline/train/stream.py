@@ -15,7 +15,7 @@ import tempfile
 from pathlib import Path
 
 from pipeline.config import TrainConfig
-from pipeline.training import encode_rows
+from pipeline.train.rows import encode_rows
 
 
 def localize(uri: str | Path) -> Path:

@@ -1,0 +1,42 @@
+"""The model a training stage starts from (DESIGN §1 stage rules): a backbone for stage 1 or the
+LLM+CL baseline, a stage-1 folder for LBR stage 2."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from pipeline.config import TrainConfig
+from stages.model import CONFIG_NAME, LBRModel
+
+
+def is_lbr_folder(path: str | Path) -> bool:
+    return (Path(path) / CONFIG_NAME).exists()
+
+
+def prepare_model(cfg: TrainConfig, model_path: str | Path) -> LBRModel:
+    """Stage rules of DESIGN §1: stage 2 starts from a stage-1 folder, or is the LLM+CL baseline."""
+    from pipeline.model_paths import resolve_model_dir
+
+    model_path = Path(resolve_model_dir(model_path))      # a run folder stands for its model/
+    if not model_path.exists():
+        raise FileNotFoundError(f"--model {model_path} does not exist")
+    if cfg.stage == "contrastive":
+        if cfg.baseline == "llm_cl":
+            if is_lbr_folder(model_path):
+                raise ValueError(f"--baseline llm_cl trains a plain backbone, but {model_path} is an LBR folder")
+            m = cfg.model
+            pooling = m.pooling if m.pooling in ("last", "mean") else "last"
+            return LBRModel.from_backbone(model_path, num_bottleneck=0, pooling=pooling, max_length=m.max_length,
+                                          lora_r=m.lora_r, lora_alpha=m.lora_alpha, lora_targets=m.lora_targets,
+                                          num_layers=m.num_layers)
+        if not is_lbr_folder(model_path):
+            raise ValueError(f"stage 2 (contrastive) needs a stage-1 output folder as --model; {model_path} is a "
+                             "plain backbone. Run stage 1 first, or pass --baseline llm_cl for the LLM+CL baseline.")
+        return LBRModel.from_pretrained(model_path)
+    if is_lbr_folder(model_path):
+        return LBRModel.from_pretrained(model_path)          # continue stage 1 from an earlier run
+    m = cfg.model
+    return LBRModel.from_backbone(model_path, num_bottleneck=m.num_bottleneck, pooling=m.pooling,
+                                  latent_dim=m.latent_dim, max_length=m.max_length, lora_r=m.lora_r,
+                                  lora_alpha=m.lora_alpha, lora_targets=m.lora_targets, num_layers=m.num_layers,
+                                  head_init=m.head_init, bottleneck_init=m.bottleneck_init,
+                                  bottleneck_prompt=m.bottleneck_prompt)
