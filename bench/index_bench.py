@@ -50,7 +50,7 @@ def queries_from(x: np.ndarray, n: int, seed: int) -> np.ndarray:
 def bench_embedding(n_docs: int, actors: int, batch_size: int, work: Path) -> dict:
     import ray
 
-    from pipeline.embed import EmbedConfig, embed_to_parquet, read_embeddings
+    from pipeline.index.embed import EmbedConfig, embed_to_parquet, read_embeddings
     from stages import LBRModel
     from stages.tiny import build_tiny_backbone, synthetic_corpus
 
@@ -85,7 +85,9 @@ def _recall(got, exact_ids, k=10) -> float:
 
 def bench_index(n: int, d: int, n_queries: int, shards: int, nlist: int, nprobe: int, train_size: int,
                 work: Path, noise: float, sweep: tuple[int, ...]) -> list[dict]:
-    from pipeline.index import IndexConfig, Searcher, build_index
+    from pipeline.index.publish import build_index
+    from pipeline.index.search import Searcher
+    from pipeline.index.shards import IndexConfig
 
     x = clustered(n, d, n_clusters=max(64, n // 1000), seed=n, noise=noise)
     q = queries_from(x, n_queries, seed=1)
@@ -129,7 +131,9 @@ def bench_index(n: int, d: int, n_queries: int, shards: int, nlist: int, nprobe:
 
 def bench_reindex(n: int, d: int, shards: int, nlist: int, frac: float, work: Path,
                   embed_docs_per_s: float | None) -> list[dict]:
-    from pipeline.index import IndexConfig, build_index, reindex, shard_of
+    from pipeline.index.publish import build_index
+    from pipeline.index.reindex import reindex
+    from pipeline.index.shards import IndexConfig, shard_of
 
     x = clustered(n, d, n_clusters=max(64, n // 1000), seed=7)
     ids = [f"doc-{i}" for i in range(n)]

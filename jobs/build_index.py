@@ -9,21 +9,14 @@ before Ray starts or any model is loaded.
 from __future__ import annotations
 
 import json
-import shutil
 import sys
 from pathlib import Path
 
 from jobs._cli import INPUT_ERRORS, Parser, fail, note, positive_float, positive_int
-from pipeline.embed import (
-    EmbedConfig,
-    doc_texts,
-    embed_docs_local,
-    embed_to_parquet,
-    load_encoder,
-    model_identity,
-    read_embeddings,
-)
-from pipeline.index import IndexBusyError, IndexConfig, build_index, check_factory, check_out, work_dir
+from pipeline.index.build import build_from_corpus
+from pipeline.index.embed import EmbedConfig
+from pipeline.index.layout import IndexBusyError
+from pipeline.index.shards import IndexConfig
 
 
 def parse_args(argv=None):
@@ -57,38 +50,13 @@ def main(argv=None) -> int:
 
 def run(a) -> int:
     from pipeline.model_paths import is_run_dir
-    from stages.readers import read_corpus
 
-    # 1. everything that can be checked without embedding, in order of cost; nothing is written yet
-    check_out(a.out, a.overwrite)
     cfg = IndexConfig(factory=a.factory, shards=a.shards, nprobe=a.nprobe, ef_search=a.ef_search,
                       train_size=a.train_size, seed=a.seed, use_ray=not a.no_ray)
     ecfg = EmbedConfig(batch_size=a.batch_size, num_actors=a.actors, num_cpus_per_actor=a.cpus_per_actor)
     if is_run_dir(a.model):
         note(f"--model {a.model} is a run folder: using {Path(a.model) / 'model'}")
-    model = model_identity(a.model)  # the model folder is complete (config, weights, tokenizer)
-    check_factory(a.factory, model["dimension"])
-    docs = read_corpus(a.corpus, text_field=a.text_field)
-    if not docs:
-        return fail(f"corpus {a.corpus} has no usable documents")
-    check_factory(a.factory, model["dimension"], len(docs))
-    model = {"path": model["path"], "fingerprint": model["fingerprint"]}
-    # 2. embed (scratch space inside --out, removed afterwards) and publish
-    if a.no_ray:
-        emb = embed_docs_local(load_encoder(model["path"]), docs, a.batch_size)
-    else:
-        ids, texts = doc_texts(docs)
-        out = Path(a.out)
-        created = not out.exists()
-        out.mkdir(parents=True, exist_ok=True)
-        tmp = work_dir(out)
-        try:
-            emb = read_embeddings(embed_to_parquet(model["path"], ids, texts, tmp, ecfg))
-        except BaseException:
-            shutil.rmtree(out if created else tmp, ignore_errors=True)
-            raise
-        shutil.rmtree(tmp, ignore_errors=True)
-    manifest = build_index(a.out, emb.ids, emb.vectors, emb.hashes, cfg, model, overwrite=a.overwrite)
+    manifest = build_from_corpus(a.model, a.corpus, a.out, cfg, ecfg, overwrite=a.overwrite, text_field=a.text_field)
     print(json.dumps({"out": str(a.out), "num_docs": manifest["num_docs"], "dimension": manifest["dimension"],
                       "factory": manifest["factory"], "shards": [s["count"] for s in manifest["shards"]]}))
     return 0

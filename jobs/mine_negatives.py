@@ -11,8 +11,8 @@ import sys
 from pathlib import Path
 
 from jobs._cli import INPUT_ERRORS, Parser, fail, finite_float, fraction, note, positive_int
-from pipeline.embed import EmbedConfig, model_identity
-from pipeline.mining import NoNegativesError, mine_negatives
+from pipeline.index.embed import EmbedConfig, model_identity
+from pipeline.index.mining import NoNegativesError, mine_negatives
 from stages.negatives import NegativeConfig
 
 

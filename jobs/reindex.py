@@ -12,7 +12,7 @@ import sys
 import numpy as np
 
 from jobs._cli import INPUT_ERRORS, Parser, fail, positive_float, positive_int
-from pipeline.embed import (
+from pipeline.index.embed import (
     EmbedConfig,
     content_hash,
     doc_texts,
@@ -22,14 +22,9 @@ from pipeline.embed import (
     model_identity,
     read_embeddings,
 )
-from pipeline.index import (
-    IndexBusyError,
-    IndexIntegrityError,
-    ModelMismatchError,
-    load_manifest,
-    reindex,
-    work_dir,
-)
+from pipeline.index.layout import IndexBusyError, IndexIntegrityError, ModelMismatchError, work_dir
+from pipeline.index.manifest import load_manifest
+from pipeline.index.reindex import reindex
 
 
 def parse_args(argv=None):

@@ -12,7 +12,8 @@ import sys
 from pathlib import Path
 
 from jobs._cli import INPUT_ERRORS, Parser, fail, positive_int
-from pipeline.index import IndexIntegrityError, ModelMismatchError, Searcher
+from pipeline.index.layout import IndexIntegrityError, ModelMismatchError
+from pipeline.index.search import Searcher
 
 
 def parse_args(argv=None):

@@ -1,7 +1,7 @@
 """The whole LBR pipeline in one job: data -> stage 1 -> mine hard negatives -> stage 2 -> sharded
 index -> evaluation against baselines -> report.md + plots.
 
-Each step calls the same code path as its own job (`jobs.train`, `jobs.mine_negatives`,
+Each step calls the same pipeline function as its own job (`jobs.train`, `jobs.mine_negatives`,
 `jobs.build_index`, `jobs.evaluate`), so the demo exercises exactly what users run one by one.
 """
 from __future__ import annotations
@@ -204,7 +204,7 @@ def train_stage(cfg: TrainConfig, model: str, data: str, out: Path) -> dict:
 
 
 def mine(cfg: PipelineConfig, model: str, train: str, out: Path) -> dict:
-    from pipeline.mining import mine_negatives
+    from pipeline.index.mining import mine_negatives
 
     rep = mine_negatives(model, train, out, cfg.mining.selection(), max_without=cfg.mining.max_without_negatives)
     d = rep.as_dict()
@@ -214,20 +214,18 @@ def mine(cfg: PipelineConfig, model: str, train: str, out: Path) -> dict:
 
 
 def build(cfg: PipelineConfig, model: str, corpus: str, out: Path) -> dict:
-    from jobs.build_index import main as build_main
+    from pipeline.index.build import build_from_corpus
+    from pipeline.index.shards import IndexConfig
 
-    rc = build_main(["--model", model, "--corpus", corpus, "--out", str(out), "--shards", str(cfg.index.shards),
-                     "--factory", cfg.index.factory, "--overwrite"])
-    if rc != 0:
-        raise RuntimeError(f"build_index failed with exit code {rc}")
-    return json.loads((out / "manifest.json").read_text())
+    return build_from_corpus(model, corpus, out, IndexConfig(factory=cfg.index.factory, shards=cfg.index.shards,
+                                                             use_ray=True), overwrite=True)
 
 
 class IndexRetriever:
     """Evaluates the published index itself (the serving path), not a re-embedding of the corpus."""
 
     def __init__(self, index_dir: Path):
-        from pipeline.index import Searcher
+        from pipeline.index.search import Searcher
 
         self.searcher = Searcher(index_dir)
 

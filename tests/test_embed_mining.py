@@ -7,7 +7,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.embed import (
+from pipeline.index.embed import (
     EmbedConfig,
     HashingEncoder,
     content_hash,
@@ -65,7 +65,8 @@ def test_ray_data_embedding_matches_in_process_encode(model_dir, ray_session, tm
 
 def test_model_path_build_search_reindex(model_dir, other_model_dir, ray_session, tmp_path, capsys):
     from jobs import build_index, reindex, search
-    from pipeline.index import index_vectors, load_manifest
+    from pipeline.index.manifest import load_manifest
+    from pipeline.index.search import index_vectors
     from pipeline.model_paths import model_fingerprint
 
     docs = _docs(60, seed=1)
@@ -117,7 +118,7 @@ def test_model_path_build_search_reindex(model_dir, other_model_dir, ray_session
 
 def test_mining_through_ray_data(ray_session, tmp_path):
     """Mining with the Ray Data embedding path (lexical hashing encoder so positives rank high)."""
-    from pipeline.mining import mine_negatives
+    from pipeline.index.mining import mine_negatives
     from stages.negatives import NegativeConfig
 
     rng = random.Random(3)

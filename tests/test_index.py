@@ -5,18 +5,13 @@ import faiss
 import numpy as np
 import pytest
 
-import pipeline.index as pix
-from pipeline.index import (
-    IndexConfig,
-    IndexIntegrityError,
-    ModelMismatchError,
-    Searcher,
-    build_index,
-    index_vectors,
-    reindex,
-    shard_of,
-    verify_index,
-)
+from pipeline.index import layout, publish
+from pipeline.index.layout import IndexIntegrityError, ModelMismatchError
+from pipeline.index.manifest import verify_index
+from pipeline.index.publish import build_index
+from pipeline.index.reindex import reindex
+from pipeline.index.search import Searcher, index_vectors
+from pipeline.index.shards import IndexConfig, shard_of
 
 faiss.omp_set_num_threads(1)
 MODEL = {"path": "hashing:32", "fingerprint": "hashing:32"}
@@ -159,7 +154,7 @@ def test_failed_build_leaves_previous_index_servable(tmp_path, monkeypatch):
     _build(tmp_path / "ix", x, IndexConfig(factory="Flat", shards=3, use_ray=False))
     before = Searcher(tmp_path / "ix").search_vectors(x[:5], 3)
     manifest = (tmp_path / "ix" / "manifest.json").read_bytes()
-    real = pix._write_shard_files
+    real = publish.write_shard_files
     calls = []
 
     def flaky(*a, **k):
@@ -168,7 +163,7 @@ def test_failed_build_leaves_previous_index_servable(tmp_path, monkeypatch):
             raise OSError("disk full (injected)")
         return real(*a, **k)
 
-    monkeypatch.setattr(pix, "_write_shard_files", flaky)
+    monkeypatch.setattr(publish, "write_shard_files", flaky)
     with pytest.raises(OSError, match="injected"):
         _build(tmp_path / "ix", clustered(700, 8, 4, seed=10), IndexConfig(factory="Flat", shards=3, use_ray=False))
     assert (tmp_path / "ix" / "manifest.json").read_bytes() == manifest
@@ -183,7 +178,7 @@ def test_failed_build_leaves_previous_index_servable(tmp_path, monkeypatch):
 
 def test_tampered_or_missing_shard_is_detected(tmp_path):
     _build(tmp_path / "ix", clustered(300, 8, 4, seed=11), IndexConfig(factory="Flat", shards=2, use_ray=False))
-    f = pix.version_dir(tmp_path / "ix") / "shard_00001.faiss"
+    f = layout.version_dir(tmp_path / "ix") / "shard_00001.faiss"
     data = bytearray(f.read_bytes())
     data[-5] ^= 0xFF
     f.write_bytes(bytes(data))

@@ -12,8 +12,12 @@ import faiss
 import numpy as np
 import pytest
 
-import pipeline.index as pix
-from pipeline.index import IndexConfig, IndexIntegrityError, Searcher, build_index, reindex
+from pipeline.index import layout, manifest, publish
+from pipeline.index.layout import IndexIntegrityError
+from pipeline.index.publish import build_index
+from pipeline.index.reindex import reindex
+from pipeline.index.search import Searcher
+from pipeline.index.shards import IndexConfig
 
 faiss.omp_set_num_threads(1)
 MODEL = {"path": "hashing:8", "fingerprint": "hashing:8"}
@@ -56,9 +60,9 @@ def test_existing_index_is_replaced_only_with_overwrite(tmp_path):
     m0 = _build(ix)
     with pytest.raises(FileExistsError, match="--overwrite"):
         _build(ix, n=60)
-    assert pix.load_manifest(ix)["num_docs"] == m0["num_docs"]
+    assert manifest.load_manifest(ix)["num_docs"] == m0["num_docs"]
     _build(ix, n=60, overwrite=True)
-    assert pix.load_manifest(ix)["num_docs"] == 60 and len(Searcher(ix)) == 60
+    assert manifest.load_manifest(ix)["num_docs"] == 60 and len(Searcher(ix)) == 60
     # an empty folder is fine (nothing to lose)
     (tmp_path / "empty").mkdir()
     _build(tmp_path / "empty")
@@ -101,9 +105,9 @@ def test_a_version_being_opened_is_kept_until_the_reader_is_done(tmp_path):
     ix = tmp_path / "ix"
     _build(ix)
     ids = [f"doc-{i}" for i in range(120)]
-    with pix.open_version(ix) as v:                       # a reader in the middle of opening v1
+    with layout.open_version(ix) as v:                       # a reader in the middle of opening v1
         reindex(ix, ids, ["new"] * 120, lambda t: _vecs(len(t), seed=5))
-        assert v.is_dir() and pix.verify_index(v, load=True)["num_docs"] == 120
+        assert v.is_dir() and manifest.verify_index(v, load=True)["num_docs"] == 120
     reindex(ix, ids, ["newer"] * 120, lambda t: _vecs(len(t), seed=6))
     assert not v.exists() and sorted(os.listdir(ix / "versions")) == ["000003", "000003.lock"]
 
@@ -112,7 +116,7 @@ WRITER = r"""
 import sys, time
 import numpy as np
 sys.path.insert(0, sys.argv[2])
-from pipeline.index import reindex
+from pipeline.index.reindex import reindex
 ix, until = sys.argv[1], time.time() + float(sys.argv[3])
 ids = [f"doc-{i}" for i in range(120)]
 r = 0
@@ -146,7 +150,7 @@ def test_concurrent_opens_during_continuous_reindexing_never_fail(tmp_path):
     publishes = int(out.strip().splitlines()[-1])
     assert publishes >= 5 and opens >= 20, (publishes, opens)
     assert failures == [], f"{len(failures)} of {opens + len(failures)} opens failed: {failures[:3]}"
-    pix.cleanup_versions(ix)
+    layout.cleanup_versions(ix)
     assert len([e for e in os.listdir(ix / "versions") if not e.endswith(".lock")]) == 1
 
 
@@ -165,7 +169,7 @@ def test_interrupted_builds_leave_nothing_behind(tmp_path, monkeypatch):
     assert not (ix / f".work-{socket.gethostname()}-{dead}-x").exists()
     assert live.exists()                                     # a running build's scratch is left alone
     # a failing fresh build removes what it created
-    monkeypatch.setattr(pix, "_write_shard_files", lambda *a, **k: (_ for _ in ()).throw(OSError("disk full")))
+    monkeypatch.setattr(publish, "write_shard_files", lambda *a, **k: (_ for _ in ()).throw(OSError("disk full")))
     with pytest.raises(OSError):
         _build(tmp_path / "fresh")
     assert not (tmp_path / "fresh").exists()
@@ -174,7 +178,7 @@ def test_interrupted_builds_leave_nothing_behind(tmp_path, monkeypatch):
 def test_manifest_names_never_leave_the_index_folder(tmp_path):
     ix = tmp_path / "ix"
     _build(ix)
-    v = pix.version_dir(ix)
+    v = layout.version_dir(ix)
     (tmp_path / "outside.faiss").write_bytes((v / "shard_00000.faiss").read_bytes())
     m = json.loads((v / "manifest.json").read_text())
     m["shards"][0]["name"] = "../../outside"
@@ -192,7 +196,7 @@ def test_index_written_by_an_earlier_release_is_read_and_converted(tmp_path):
     _build(ix)
     legacy = tmp_path / "legacy"
     legacy.mkdir()
-    for f in pix.version_dir(ix).iterdir():
+    for f in layout.version_dir(ix).iterdir():
         (legacy / f.name).write_bytes(f.read_bytes())
     assert len(Searcher(legacy)) == 120
     reindex(legacy, [f"doc-{i}" for i in range(100)], [f"h{i}" for i in range(100)], lambda t: _vecs(len(t)))
@@ -218,7 +222,7 @@ def test_killed_saves_leave_no_temp_folders_next_to_a_model(tmp_path):
 
 
 def test_index_with_a_pre_tokenizer_fingerprint_asks_for_a_rebuild(tmp_path):
-    from pipeline.index import ModelMismatchError
+    from pipeline.index.layout import ModelMismatchError
 
     legacy = {"path": "/old/model", "fingerprint": "ab" * 32}
     build_index(tmp_path / "ix", ["a", "b"], _vecs(2), ["1", "2"], IndexConfig(shards=1, use_ray=False), legacy)

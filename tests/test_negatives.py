@@ -6,7 +6,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.mining import NoNegativesError, check_report, mine_from_vectors
+from pipeline.index.mining import NoNegativesError, check_report, mine_from_vectors
 from stages.negatives import NegativeConfig, select_negatives
 
 

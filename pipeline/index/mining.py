@@ -20,7 +20,13 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline.embed import EmbedConfig, embed_texts_local, embed_to_parquet, load_encoder, read_embeddings
+from pipeline.index.embed import (
+    EmbedConfig,
+    embed_texts_local,
+    embed_to_parquet,
+    load_encoder,
+    read_embeddings,
+)
 from stages.negatives import NegativeConfig, select_negatives
 from stages.text import doc_text
 
