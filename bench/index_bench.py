@@ -85,7 +85,7 @@ def _recall(got, exact_ids, k=10) -> float:
 
 def bench_index(n: int, d: int, n_queries: int, shards: int, nlist: int, nprobe: int, train_size: int,
                 work: Path, noise: float, sweep: tuple[int, ...]) -> list[dict]:
-    from pipeline.index.publish import build_index
+    from pipeline.index.build import build_index
     from pipeline.index.search import Searcher
     from pipeline.index.shards import IndexConfig
 
@@ -131,7 +131,7 @@ def bench_index(n: int, d: int, n_queries: int, shards: int, nlist: int, nprobe:
 
 def bench_reindex(n: int, d: int, shards: int, nlist: int, frac: float, work: Path,
                   embed_docs_per_s: float | None) -> list[dict]:
-    from pipeline.index.publish import build_index
+    from pipeline.index.build import build_index
     from pipeline.index.reindex import reindex
     from pipeline.index.shards import IndexConfig, shard_of
 

@@ -6,25 +6,12 @@ Idempotent: an unchanged corpus writes nothing (manifest.json stays byte-identic
 from __future__ import annotations
 
 import json
-import shutil
 import sys
 
-import numpy as np
-
 from jobs._cli import INPUT_ERRORS, Parser, fail, positive_float, positive_int
-from pipeline.index.embed import (
-    EmbedConfig,
-    content_hash,
-    doc_texts,
-    embed_texts_local,
-    embed_to_parquet,
-    load_encoder,
-    model_identity,
-    read_embeddings,
-)
-from pipeline.index.layout import IndexBusyError, IndexIntegrityError, ModelMismatchError, work_dir
-from pipeline.index.manifest import load_manifest
-from pipeline.index.reindex import reindex
+from pipeline.index.embed import EmbedConfig
+from pipeline.index.layout import IndexBusyError, IndexIntegrityError, ModelMismatchError
+from pipeline.index.reindex import reindex_corpus
 
 
 def parse_args(argv=None):
@@ -43,33 +30,9 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     a = parse_args(argv)
-    from stages.readers import read_corpus
-
     try:
-        m = load_manifest(a.index)
-        model = model_identity(a.model or m["model"]["path"])
-        model_ref = model["path"]
-        model = {"path": model["path"], "fingerprint": model["fingerprint"]}
-        docs = read_corpus(a.corpus, text_field=a.text_field)
-        if not docs:
-            raise ValueError(f"corpus {a.corpus} has no usable documents (refusing to delete the whole index)")
-        ids, texts = doc_texts(docs)
-        text_of = dict(zip(ids, texts))
         ecfg = EmbedConfig(batch_size=a.batch_size, num_actors=a.actors, num_cpus_per_actor=a.cpus_per_actor)
-
-        def embed(todo: list[str]) -> np.ndarray:
-            if a.no_ray:
-                return embed_texts_local(load_encoder(model_ref), [text_of[d] for d in todo], a.batch_size)
-            tmp = work_dir(a.index)                  # scratch inside the index; a killed run's is removed later
-            try:
-                emb = read_embeddings(embed_to_parquet(model_ref, todo, [text_of[d] for d in todo], tmp, ecfg))
-            finally:
-                shutil.rmtree(tmp, ignore_errors=True)
-            pos = {d: i for i, d in enumerate(emb.ids)}
-            return emb.vectors[[pos[d] for d in todo]]
-
-        report = reindex(a.index, ids, [content_hash(t) for t in texts], embed, model=model,
-                         use_ray=not a.no_ray)
+        report = reindex_corpus(a.index, a.corpus, a.model, ecfg, use_ray=not a.no_ray, text_field=a.text_field)
     except (IndexIntegrityError, ModelMismatchError, IndexBusyError, *INPUT_ERRORS) as e:
         return fail(e)
     print(json.dumps(report.as_dict()))

@@ -154,13 +154,14 @@ def test_fingerprint_covers_the_tokenizer(files, stage1_run, tmp_path, capsys):
 def test_arguments_are_checked_before_embedding_or_ray(files, stage1_run, tmp_path, monkeypatch, capsys):
     import jobs.build_index as bi
     import pipeline.index.build as pib
+    import pipeline.index.stage as pis
     from jobs import mine_negatives, search
 
     def boom(*a, **k):
         raise AssertionError("embedding started before the arguments were checked")
 
-    monkeypatch.setattr(pib, "embed_to_parquet", boom)
-    monkeypatch.setattr(pib, "load_encoder", boom)
+    monkeypatch.setattr(pib, "stage_corpus", boom)
+    monkeypatch.setattr(pis, "load_encoder", boom)
     base = ["--model", str(stage1_run), "--corpus", str(files["corpus"]), "--out", str(tmp_path / "ix")]
     assert bi.main([*base, "--factory", "IVFgarbage"]) == 2
     assert "IVFgarbage" in _one_error_line(capsys)
@@ -183,7 +184,7 @@ def test_arguments_are_checked_before_embedding_or_ray(files, stage1_run, tmp_pa
 def test_searcher_refuses_nonpositive_search_parameters(tmp_path):
     import numpy as np
 
-    from pipeline.index.publish import build_index
+    from pipeline.index.build import build_index
     from pipeline.index.search import Searcher
     from pipeline.index.shards import IndexConfig
 

@@ -5,10 +5,10 @@ import faiss
 import numpy as np
 import pytest
 
-from pipeline.index import layout, publish
+from pipeline.index import layout, shards
+from pipeline.index.build import build_index
 from pipeline.index.layout import IndexIntegrityError, ModelMismatchError
 from pipeline.index.manifest import verify_index
-from pipeline.index.publish import build_index
 from pipeline.index.reindex import reindex
 from pipeline.index.search import Searcher, index_vectors
 from pipeline.index.shards import IndexConfig, shard_of
@@ -154,7 +154,7 @@ def test_failed_build_leaves_previous_index_servable(tmp_path, monkeypatch):
     _build(tmp_path / "ix", x, IndexConfig(factory="Flat", shards=3, use_ray=False))
     before = Searcher(tmp_path / "ix").search_vectors(x[:5], 3)
     manifest = (tmp_path / "ix" / "manifest.json").read_bytes()
-    real = publish.write_shard_files
+    real = shards.write_shard_files
     calls = []
 
     def flaky(*a, **k):
@@ -163,7 +163,7 @@ def test_failed_build_leaves_previous_index_servable(tmp_path, monkeypatch):
             raise OSError("disk full (injected)")
         return real(*a, **k)
 
-    monkeypatch.setattr(publish, "write_shard_files", flaky)
+    monkeypatch.setattr(shards, "write_shard_files", flaky)
     with pytest.raises(OSError, match="injected"):
         _build(tmp_path / "ix", clustered(700, 8, 4, seed=10), IndexConfig(factory="Flat", shards=3, use_ray=False))
     assert (tmp_path / "ix" / "manifest.json").read_bytes() == manifest

@@ -12,9 +12,9 @@ import faiss
 import numpy as np
 import pytest
 
-from pipeline.index import layout, manifest, publish
+from pipeline.index import layout, manifest, shards
+from pipeline.index.build import build_index
 from pipeline.index.layout import IndexIntegrityError
-from pipeline.index.publish import build_index
 from pipeline.index.reindex import reindex
 from pipeline.index.search import Searcher
 from pipeline.index.shards import IndexConfig
@@ -169,7 +169,7 @@ def test_interrupted_builds_leave_nothing_behind(tmp_path, monkeypatch):
     assert not (ix / f".work-{socket.gethostname()}-{dead}-x").exists()
     assert live.exists()                                     # a running build's scratch is left alone
     # a failing fresh build removes what it created
-    monkeypatch.setattr(publish, "write_shard_files", lambda *a, **k: (_ for _ in ()).throw(OSError("disk full")))
+    monkeypatch.setattr(shards, "write_shard_files", lambda *a, **k: (_ for _ in ()).throw(OSError("disk full")))
     with pytest.raises(OSError):
         _build(tmp_path / "fresh")
     assert not (tmp_path / "fresh").exists()

@@ -160,13 +160,13 @@ def embed_docs_local(encoder: Encoder, docs: Iterable[Mapping], batch_size: int 
     return Embeddings(ids, embed_texts_local(encoder, texts, batch_size), [content_hash(t) for t in texts])
 
 
-def _vector_array(vecs: np.ndarray) -> pa.FixedSizeListArray:
+def vector_array(vecs: np.ndarray) -> pa.FixedSizeListArray:
     vecs = _as_f32(vecs)
     return pa.FixedSizeListArray.from_arrays(pa.array(vecs.reshape(-1), type=pa.float32()), vecs.shape[1])
 
 
 def embeddings_table(ids: Sequence[str], vecs: np.ndarray, hashes: Sequence[str]) -> pa.Table:
-    return pa.table({"id": pa.array(list(ids), pa.string()), "vector": _vector_array(vecs),
+    return pa.table({"id": pa.array(list(ids), pa.string()), "vector": vector_array(vecs),
                      "content_hash": pa.array(list(hashes), pa.string())})
 
 

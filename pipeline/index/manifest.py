@@ -42,7 +42,8 @@ def library_versions() -> dict:
     return out
 
 
-def make_manifest(folder: Path, cfg: IndexConfig, model: dict, dim: int, shard_meta: list[dict]) -> dict:
+def make_manifest(files: dict[str, str], cfg: IndexConfig, model: dict, dim: int, shard_meta: list[dict]) -> dict:
+    """`files`: sha256 of every file of the version but manifest.json (computed where each was written)."""
     return {
         "format": FORMAT,
         "model": {"path": model.get("path"), "fingerprint": model.get("fingerprint")},
@@ -54,7 +55,7 @@ def make_manifest(folder: Path, cfg: IndexConfig, model: dict, dim: int, shard_m
         "num_docs": int(sum(s["count"] for s in shard_meta)),
         "shards": shard_meta,
         "trained_index": TRAINED,
-        "files": folder_checksums(folder, exclude=(MANIFEST,)),
+        "files": dict(sorted(files.items())),
         "versions": library_versions(),
     }
 
@@ -93,6 +94,15 @@ def _check_manifest(p: Path, m: dict) -> None:
     for rel in files:
         if not isinstance(rel, str) or rel.startswith("/") or ".." in rel.split("/") or "/" in rel:
             raise IndexIntegrityError(f"{p}: file name {rel!r} is not a plain name inside the index folder")
+
+
+def check_listing(folder: Path, m: dict) -> None:
+    """The version folder holds exactly the manifest's files (their checksums were taken from disk by the
+    tasks that wrote them; `verify_index` re-reads them all)."""
+    actual = {e for e in os.listdir(folder) if e != MANIFEST and not e.startswith(".")}
+    missing, extra = sorted(set(m["files"]) - actual), sorted(actual - set(m["files"]))
+    if missing or extra:
+        raise IndexIntegrityError(f"{folder}: files missing {missing} / not in the manifest {extra}")
 
 
 def verify_index(index_dir: str | os.PathLike, load: bool = False) -> dict:

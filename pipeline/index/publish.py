@@ -1,16 +1,14 @@
-"""Publication: write rebuilt shards (hard-link untouched ones) into a temp version, verify it, and
-publish it by replacing the `current` symlink; a fresh build from vectors goes through the same path."""
+"""Publication: fill a temp version folder (the caller writes the rebuilt shards, untouched ones are
+hard-linked from the previous version), write the manifest, check it, and publish by replacing the
+`current` symlink (one atomic rename). The driver writes nothing larger than the manifest."""
 from __future__ import annotations
 
 import contextlib
 import os
 import shutil
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Callable
 from pathlib import Path
-
-import faiss
-import numpy as np
 
 from pipeline.index.layout import (
     CURRENT,
@@ -29,49 +27,19 @@ from pipeline.index.layout import (
     versions_dir,
     writer_lock,
 )
-from pipeline.index.manifest import check_out, is_index_dir, make_manifest, verify_index
-from pipeline.index.shards import (
-    IndexConfig,
-    ShardRows,
-    build_shards,
-    check_ids,
-    content_digest,
-    make_trained_index,
-    normalize,
-    shard_name,
-    split_rows,
-    write_shard_files,
-)
-from stages.io import write_json
+from pipeline.index.manifest import check_listing, is_index_dir, make_manifest
+from pipeline.index.shards import IndexConfig, shard_name
+from stages.io import sha256_file, write_json
+
+# write_shards(version folder) -> {shard number: {"name", "count", "content_digest", "files": {name: sha256}}}
+ShardWriter = Callable[[Path], dict[int, dict]]
 
 
-def build_index(out_dir: str | os.PathLike, ids: Sequence[str], vectors: np.ndarray,
-                hashes: Sequence[str], cfg: IndexConfig, model: dict, overwrite: bool = False) -> dict:
-    """Fresh build from (id, vector, content_hash); publishes atomically; returns the manifest.
-
-    `out_dir` must be absent, empty, or (with overwrite=True) an index: a new version is published
-    over it. Any other folder or file is refused before any work.
-    """
-    check_out(out_dir, overwrite)
-    ids = list(ids)
-    if not ids:
-        raise ValueError("cannot build an index from an empty corpus")
-    if len(ids) != len(vectors) or len(ids) != len(hashes):
-        raise ValueError(f"{len(ids)} ids, {len(vectors)} vectors, {len(hashes)} content hashes: must match")
-    check_ids(ids)
-    vecs = normalize(vectors)
-    dim = vecs.shape[1]
-    trained = make_trained_index(cfg.factory, vecs, cfg)
-    rows = split_rows(ids, list(hashes), vecs, cfg.shards, dim)
-    return publish(Path(out_dir), cfg, model, dim, trained, {i: r for i, r in enumerate(rows)}, reuse=None)
-
-
-def publish(out: Path, cfg: IndexConfig, model: dict, dim: int, trained,
-             rebuild: dict[int, ShardRows], reuse: tuple[Path, dict] | None, locked: bool = False) -> dict:
-    """Write rebuilt shards (+ hard-link untouched ones from `reuse`), verify, publish one version."""
-    trained_bytes = faiss.serialize_index(trained)
-    order = sorted(rebuild)
-    built = build_shards(trained_bytes, [(rebuild[i].int_ids, rebuild[i].vectors) for i in order], cfg)
+def publish(out: Path, cfg: IndexConfig, model: dict, dim: int, trained: Path, write_shards: ShardWriter,
+            reuse: tuple[Path, dict] | None, locked: bool = False) -> dict:
+    """Write a new version (rebuilt shards by `write_shards`, the rest hard-linked from `reuse`), check
+    it, publish it; returns the manifest. On failure nothing is published and the temp version is gone."""
+    out = Path(out)
     existed, fresh = out.exists(), not is_index_dir(out)
     out.mkdir(parents=True, exist_ok=True)
     try:
@@ -80,24 +48,25 @@ def publish(out: Path, cfg: IndexConfig, model: dict, dim: int, trained,
             remove_stale_temps(out)
             vdir = Path(tempfile.mkdtemp(prefix=temp_prefix(), dir=versions_dir(out, create=True)))
             try:
-                if reuse is None:
-                    faiss.write_index(trained, str(vdir / TRAINED))
-                else:
-                    link_or_copy(reuse[0] / TRAINED, vdir / TRAINED)
+                link_or_copy(trained, vdir / TRAINED)
+                files = {TRAINED: (reuse[1]["files"][TRAINED] if reuse is not None and trained == reuse[0] / TRAINED
+                                   else sha256_file(vdir / TRAINED))}
+                built = write_shards(vdir)
                 meta: list[dict] = []
                 for i in range(cfg.shards):
                     name = shard_name(i)
-                    if i in rebuild:
-                        write_shard_files(vdir, i, rebuild[i], built[order.index(i)])
-                        meta.append({"name": name, "count": len(rebuild[i].ids),
-                                     "content_digest": content_digest(rebuild[i])})
+                    if i in built:
+                        b = dict(built[i])
+                        files.update(b.pop("files"))
+                        meta.append(b)
                     else:
                         for ext in (".faiss", ".parquet"):
                             link_or_copy(reuse[0] / f"{name}{ext}", vdir / f"{name}{ext}")
+                            files[f"{name}{ext}"] = reuse[1]["files"][f"{name}{ext}"]
                         meta.append(dict(reuse[1]["shards"][i]))
-                manifest = make_manifest(vdir, cfg, model, dim, meta)
+                manifest = make_manifest(files, cfg, model, dim, meta)
                 write_json(vdir / MANIFEST, manifest)
-                verify_index(vdir, load=True)
+                check_listing(vdir, manifest)
                 final = versions_dir(out) / next_version(out)
                 (versions_dir(out) / f"{final.name}.lock").touch()
                 os.rename(vdir, final)

@@ -1,4 +1,10 @@
-"""Incremental re-index: embed only new/changed documents, drop deleted ones, rebuild touched shards."""
+"""Incremental re-index: embed only new/changed documents, drop deleted ones, rebuild touched shards.
+
+Streams like a build: the corpus is staged by shard without embedding (id, content hash, text); one
+task per shard compares its partition with the shard's stored (id, content_hash) and writes the rows to
+embed; those are embedded (Ray Data actors) into partitions; one task per touched shard rebuilds it from
+its kept rows and its new ones. The driver holds per-shard counts only.
+"""
 from __future__ import annotations
 
 import contextlib
@@ -7,13 +13,26 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import faiss
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 
-from pipeline.index.layout import TRAINED, ModelMismatchError, version_dir, writer_lock
-from pipeline.index.manifest import check_fingerprint_version, is_index_dir, verify_index
+from pipeline.index.build import build_shard, run_tasks, scratch, staged_table
+from pipeline.index.embed import EmbedConfig, model_identity
+from pipeline.index.layout import TRAINED, IndexIntegrityError, ModelMismatchError, version_dir, writer_lock
+from pipeline.index.manifest import check_fingerprint_version, is_index_dir, load_manifest
 from pipeline.index.publish import publish
-from pipeline.index.shards import IndexConfig, ShardRows, check_ids, normalize, read_shard_rows, shard_of
+from pipeline.index.shards import IndexConfig, check_ids, normalize, ray_enabled, shard_name
+from pipeline.index.stage import (
+    count_rows,
+    embed_table,
+    read_columns,
+    shard_files,
+    stage_corpus,
+    write_partitioned_ray,
+    write_staged,
+)
+from stages.io import sha256_file
 
 
 @dataclass(frozen=True)
@@ -32,60 +51,161 @@ class ReindexReport:
 def reindex(index_dir: str | os.PathLike, ids: Sequence[str], hashes: Sequence[str],
             embed: Callable[[list[str]], np.ndarray], model: dict | None = None,
             use_ray: bool | None = None) -> ReindexReport:
-    """Bring the index in line with a corpus given as (id, content_hash) pairs.
+    """Bring the index in line with a corpus given in memory as (id, content_hash) pairs.
 
-    `embed(ids)` is called once, only for new or changed documents, and returns their vectors in
-    that order. Deleted documents are dropped; only shards that gained, lost or changed a document
-    are rebuilt (from the stored trained index and stored vectors); untouched shard files are
-    hard-linked. Nothing to do -> nothing is written.
+    `embed(ids)` is called once, only for new or changed documents (in corpus order), and returns their
+    vectors in that order. Deleted documents are dropped; only shards that gained, lost or changed a
+    document are rebuilt (from the stored trained index and stored vectors); untouched shard files are
+    hard-linked. Nothing to do -> nothing is written. (`reindex_corpus` streams a corpus instead.)
     """
     root = Path(index_dir)
+    ids = list(ids)
     with writer_lock(root) if root.is_dir() and is_index_dir(root) else contextlib.nullcontext():
-        return _reindex(root, ids, hashes, embed, model, use_ray)
+        folder, m, cfg = _open(root, model, use_ray)
+        if len(ids) != len(hashes):
+            raise ValueError(f"{len(ids)} ids but {len(hashes)} content hashes")
+        check_ids(ids)
+        dim = m["dimension"]
+
+        def embed_todo(todo_files: list[Path], emb: Path) -> None:
+            t = read_columns(todo_files, ["id", "int_id", "shard", "content_hash", "src_file", "src_order",
+                                          "src_line"])
+            t = t.take(pa.array(np.argsort(t.column("src_line").to_numpy(), kind="stable")))
+            todo = t.column("id").to_pylist()
+            fresh = normalize(embed(todo)) if todo else np.zeros((0, dim), np.float32)
+            if fresh.shape != (len(todo), dim):
+                raise ValueError(f"embed() returned shape {fresh.shape}, expected {(len(todo), dim)}")
+            from pipeline.index.embed import vector_array
+
+            write_staged(emb, t.append_column("vector", vector_array(fresh)), "mem")
+
+        with scratch(root) as work:
+            write_staged(work / "want", staged_table(ids, list(hashes), cfg.shards), "mem")
+            return _reindex_staged(root, folder, m, cfg, work, embed_todo)
 
 
-def _reindex(root: Path, ids, hashes, embed, model, use_ray) -> ReindexReport:
+def reindex_corpus(index_dir: str | os.PathLike, corpus: str | os.PathLike, model_ref: str | None = None,
+                   embed_cfg: EmbedConfig | None = None, use_ray: bool | None = True,
+                   text_field: str | None = None) -> ReindexReport:
+    """`reindex` for a corpus on disk, streamed (see the module docstring)."""
+    root = Path(index_dir)
+    m0 = load_manifest(root)
+    ident = model_identity(model_ref or m0["model"]["path"])
+    model = {"path": ident["path"], "fingerprint": ident["fingerprint"]}
+    ecfg = embed_cfg or EmbedConfig()
+    with writer_lock(root):
+        folder, m, cfg = _open(root, model, use_ray)
+        run_ray = ray_enabled(cfg)
+
+        def embed_todo(todo_files: list[Path], emb: Path) -> None:
+            if not run_ray:
+                from pipeline.index.embed import load_encoder
+                from pipeline.index.stage import _write_partitioned
+
+                enc = load_encoder(model["path"])
+                for k, f in enumerate(todo_files):
+                    t = pq.read_table(f)
+                    if len(t):
+                        _write_partitioned(embed_table(enc, t, ecfg.batch_size), emb, f"todo-{k:06d}")
+                return
+            import ray
+
+            from pipeline.index.stage import _rows_per_write, _StageEncodeActor
+
+            use_gpu = ecfg.use_gpu if ecfg.use_gpu is not None else ray.cluster_resources().get("GPU", 0) > 0
+            resources = {"num_gpus": 1} if use_gpu else {"num_cpus": ecfg.num_cpus_per_actor}
+            ds = ray.data.read_parquet([str(f) for f in todo_files], num_cpus=0.25)
+            ds = ds.map_batches(_StageEncodeActor, fn_constructor_args=(model["path"], ecfg.batch_size, False),
+                                batch_size=ecfg.batch_size * 8, batch_format="pyarrow",
+                                compute=ray.data.ActorPoolStrategy(size=ecfg.num_actors), **resources)
+            write_partitioned_ray(ds, emb, _rows_per_write(m["dimension"], cfg.shards))
+
+        with scratch(root) as work:
+            stage_corpus(corpus, work / "want", cfg.shards, None, ecfg, run_ray, text_field, keep_text=True)
+            if not any(count_rows(shard_files(work / "want", i)) for i in range(cfg.shards)):
+                raise ValueError(f"corpus {corpus} has no usable documents (refusing to delete the whole index)")
+            return _reindex_staged(root, folder, m, cfg, work, embed_todo)
+
+
+def _open(root: Path, model: dict | None, use_ray: bool | None) -> tuple[Path, dict, IndexConfig]:
     folder = version_dir(root)              # writers are serialised: this version stays until we publish
-    m = verify_index(folder)
+    m = load_manifest(folder)
+    if sha256_file(folder / TRAINED) != m["files"].get(TRAINED):
+        raise IndexIntegrityError(f"{folder}: checksum mismatch for {TRAINED}: the file was modified or corrupted")
     if model is not None:
         check_fingerprint_version(root, m["model"]["fingerprint"])
     if model is not None and model["fingerprint"] != m["model"]["fingerprint"]:
         raise ModelMismatchError(f"model {model['path']!r} (fingerprint {model['fingerprint']}) differs from the "
                                  f"index's {m['model']['path']!r} ({m['model']['fingerprint']}); re-indexing "
                                  "would mix embedding spaces — run jobs.build_index for a full rebuild")
-    ids = list(ids)
-    if len(ids) != len(hashes):
-        raise ValueError(f"{len(ids)} ids but {len(hashes)} content hashes")
-    check_ids(ids)
-    cfg = IndexConfig(**m["config"], use_ray=use_ray)
-    n = cfg.shards
-    want = dict(zip(ids, hashes))
-    old: dict[str, tuple[int, str]] = {}
-    for i in range(n):
-        r = read_shard_rows(folder, i, vectors=False)
-        old.update({d: (i, h) for d, h in zip(r.ids, r.hashes)})
-    new_ids = [d for d in ids if d not in old]
-    changed = [d for d in ids if d in old and old[d][1] != want[d]]
-    deleted = [d for d in old if d not in want]
-    touched = sorted({shard_of(d, n) for d in new_ids + changed} | {old[d][0] for d in deleted})
-    report = ReindexReport(len(new_ids), len(changed), len(deleted),
-                           len(ids) - len(new_ids) - len(changed), touched, bool(touched))
+    return folder, m, IndexConfig(**m["config"], use_ray=use_ray)
+
+
+def diff_shard(i: int, folder: str, files: dict[str, str], want_files: list[str], todo: str) -> dict:
+    """Compare shard i's stored (id, content_hash) with its corpus partition; write the rows to embed
+    (new or changed) to `todo`. The stored shard files are checked against the manifest first."""
+    from pipeline.index.build import _duplicate_error
+
+    name = shard_name(i)
+    for ext in (".parquet", ".faiss"):
+        p = Path(folder) / f"{name}{ext}"
+        if not p.is_file():
+            raise IndexIntegrityError(f"{folder}: file {name}{ext} listed in the manifest is missing")
+        if sha256_file(p) != files.get(f"{name}{ext}"):
+            raise IndexIntegrityError(f"{folder}: checksum mismatch for {name}{ext}: the file was modified "
+                                      "or corrupted")
+    old = pq.read_table(Path(folder) / f"{name}.parquet", columns=["id", "content_hash"])
+    old_hash = dict(zip(old.column("id").to_pylist(), old.column("content_hash").to_pylist()))
+    del old
+    want = read_columns([Path(f) for f in want_files], None) if want_files else None
+    added = changed = 0
+    want_ids: set[str] = set()
+    if want is not None:
+        _duplicate_error(want)
+        wid, wh = want.column("id").to_pylist(), want.column("content_hash").to_pylist()
+        want_ids = set(wid)
+        todo_rows = []
+        for j, (d, h) in enumerate(zip(wid, wh)):
+            if d not in old_hash:
+                added += 1
+                todo_rows.append(j)
+            elif old_hash[d] != h:
+                changed += 1
+                todo_rows.append(j)
+        if todo_rows:
+            t = want.take(pa.array(todo_rows, pa.int64()))
+            t = t.append_column("shard", pa.array(np.full(len(t), i, np.int32)))
+            pq.write_table(t, Path(todo) / f"todo-{i:05d}.parquet")
+    deleted = sum(1 for d in old_hash if d not in want_ids)
+    unchanged = len(want_ids) - added - changed
+    return {"added": added, "changed": changed, "deleted": deleted, "unchanged": unchanged,
+            "touched": bool(added or changed or deleted)}
+
+
+def _reindex_staged(root: Path, folder: Path, m: dict, cfg: IndexConfig, work: Path,
+                    embed_todo: Callable[[list[Path], Path], None]) -> ReindexReport:
+    use_ray = ray_enabled(cfg)
+    want = [[str(f) for f in shard_files(work / "want", i)] for i in range(cfg.shards)]
+    todo = work / "todo"
+    todo.mkdir()
+    diffs = run_tasks(diff_shard, [(i, str(folder), m["files"], want[i], str(todo)) for i in range(cfg.shards)],
+                      use_ray)
+    touched = [i for i, d in enumerate(diffs) if d["touched"]]
+    report = ReindexReport(*(sum(d[k] for d in diffs) for k in ("added", "changed", "deleted", "unchanged")),
+                           touched, bool(touched))
     if not touched:
         return report
-    todo = new_ids + changed
-    fresh = normalize(embed(todo)) if todo else np.zeros((0, m["dimension"]), np.float32)
-    if fresh.shape != (len(todo), m["dimension"]):
-        raise ValueError(f"embed() returned shape {fresh.shape}, expected {(len(todo), m['dimension'])}")
-    fresh_by_id = {d: fresh[j] for j, d in enumerate(todo)}
-    rebuild: dict[int, ShardRows] = {}
-    for i in touched:
-        r = read_shard_rows(folder, i)
-        keep = [j for j, d in enumerate(r.ids) if d in want and d not in fresh_by_id]
-        sid = [r.ids[j] for j in keep] + [d for d in todo if shard_of(d, n) == i]
-        vec = np.concatenate([r.vectors[keep].reshape(-1, m["dimension"]),
-                              np.asarray([fresh_by_id[d] for d in sid[len(keep):]], np.float32)
-                              .reshape(-1, m["dimension"])])
-        rebuild[i] = ShardRows.make(sid, [want[d] for d in sid], vec, m["dimension"])
-    trained = faiss.read_index(str(folder / TRAINED))
-    publish(root, cfg, m["model"], m["dimension"], trained, rebuild, reuse=(folder, m), locked=True)
+    todo_files = sorted(todo.glob("*.parquet"))
+    emb = work / "emb"
+    emb.mkdir()
+    if todo_files:
+        embed_todo(todo_files, emb)
+    trained = folder / TRAINED
+
+    def write_shards(vdir: Path) -> dict[int, dict]:
+        calls = [(i, str(vdir), str(trained), m["dimension"], [str(f) for f in shard_files(emb, i)],
+                  str(folder / f"{shard_name(i)}.parquet"), want[i]) for i in touched]
+        return dict(zip(touched, run_tasks(build_shard, calls, use_ray)))
+
+    publish(root, cfg, m["model"], m["dimension"], trained, write_shards, reuse=(folder, m), locked=True)
     return report

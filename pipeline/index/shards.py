@@ -107,30 +107,33 @@ def check_factory(factory: str, dim: int, num_vectors: int | None = None) -> Non
                          f"corpus has {num_vectors}")
 
 
-def make_trained_index(factory: str, vectors: np.ndarray, cfg: IndexConfig):
-    """Empty index for `factory` (inner product), trained once on a seeded sample when it needs it."""
-    d = vectors.shape[1]
+def make_trained_index(factory: str, dim: int, sample: np.ndarray, num_vectors: int):
+    """Empty index for `factory` (inner product), trained on `sample` when it needs training.
+
+    `num_vectors` is the corpus size (an IVF needs at least nlist vectors); the sample is drawn by the
+    caller (bounded: `IndexConfig.train_size` rows, see `pipeline.index.stage.sample_shard`).
+    """
     try:
-        index = faiss.index_factory(d, factory, faiss.METRIC_INNER_PRODUCT)
+        index = faiss.index_factory(dim, factory, faiss.METRIC_INNER_PRODUCT)
     except RuntimeError as e:
         raise ValueError(f"invalid FAISS factory string {factory!r}: {str(e).splitlines()[-1]}") from None
     if not is_ivf(index):
         index = faiss.IndexIDMap2(index)  # Flat/HNSW/PQ need an id map; IVF stores ids itself
     if not index.is_trained:
-        n = len(vectors)
         ivf = faiss.try_extract_index_ivf(index)
-        if ivf is not None and n < ivf.nlist:
+        if ivf is not None and num_vectors < ivf.nlist:
             raise ValueError(f"factory {factory!r} needs at least nlist={ivf.nlist} training vectors, "
-                             f"corpus has {n}")
-        take = min(n, cfg.train_size)
-        idx = np.sort(np.random.default_rng(cfg.seed).choice(n, take, replace=False)) if take < n else None
-        sample = vectors if idx is None else vectors[idx]
+                             f"corpus has {num_vectors}")
         try:
-            index = _train(index, np.ascontiguousarray(sample))
+            index = _train(index, np.ascontiguousarray(sample, dtype=np.float32))
         except RuntimeError as e:
             why = re.sub(r"^Error in .*? at \S+:[0-9]+: (Error: )?", "", str(e).strip().splitlines()[-1])
             raise ValueError(f"factory {factory!r} cannot be trained on {len(sample)} vectors: {why}") from None
     return index
+
+
+def needs_training(factory: str, dim: int) -> bool:
+    return not faiss.index_factory(dim, factory, faiss.METRIC_INNER_PRODUCT).is_trained
 
 
 def _train(index, sample: np.ndarray):
@@ -147,23 +150,25 @@ def _train(index, sample: np.ndarray):
     return index
 
 
-def _build_shard_bytes(trained_bytes: np.ndarray, ids: np.ndarray, vecs: np.ndarray) -> np.ndarray:
-    """Clone the trained empty index, add one shard's vectors, return it serialised (Ray-friendly)."""
-    index = faiss.deserialize_index(trained_bytes)
-    if len(ids):
-        if faiss.get_num_gpus() > 0 and is_ivf(index):
-            try:
-                gpu = faiss.index_cpu_to_all_gpus(index)
-                gpu.add_with_ids(vecs, ids)
-                index = faiss.index_gpu_to_cpu(gpu)
-            except RuntimeError:  # no GPU implementation for this index type
-                index.add_with_ids(vecs, ids)
-        else:
-            index.add_with_ids(vecs, ids)
-    return faiss.serialize_index(index)
+def add_vectors(index, ids: np.ndarray, vecs: np.ndarray, batch: int = 262144):
+    """Add one shard's vectors to a clone of the trained index (GPU when faiss-gpu sees one)."""
+    if not len(ids):
+        return index
+    if faiss.get_num_gpus() > 0 and is_ivf(index):
+        try:
+            gpu = faiss.index_cpu_to_all_gpus(index)
+            for s in range(0, len(ids), batch):
+                gpu.add_with_ids(vecs[s:s + batch], ids[s:s + batch])
+            return faiss.index_gpu_to_cpu(gpu)
+        except RuntimeError:  # no GPU implementation for this index type
+            pass
+    for s in range(0, len(ids), batch):
+        index.add_with_ids(vecs[s:s + batch], ids[s:s + batch])
+    return index
 
 
-def _ray_enabled(cfg: IndexConfig) -> bool:
+def ray_enabled(cfg: IndexConfig) -> bool:
+    """use_ray False: this process; True: start/join Ray; None: Ray when it is already up."""
     if cfg.use_ray is False:
         return False
     import ray
@@ -173,21 +178,6 @@ def _ray_enabled(cfg: IndexConfig) -> bool:
 
         ensure_ray()
     return ray.is_initialized()
-
-
-def build_shards(trained_bytes: np.ndarray, parts: list[tuple[np.ndarray, np.ndarray]],
-                  cfg: IndexConfig) -> list[np.ndarray]:
-    """Build shard indexes: Ray tasks in parallel when Ray is up, else in this process."""
-    if not parts:
-        return []
-    if not _ray_enabled(cfg):
-        return [_build_shard_bytes(trained_bytes, ids, vecs) for ids, vecs in parts]
-    import ray
-
-    gpus = 1 if ray.cluster_resources().get("GPU", 0) > 0 else 0
-    task = ray.remote(num_cpus=1, num_gpus=gpus)(_build_shard_bytes)
-    ref = ray.put(trained_bytes)
-    return ray.get([task.remote(ref, ids, vecs) for ids, vecs in parts])
 
 
 @dataclass(frozen=True)
@@ -232,17 +222,9 @@ def check_ids(ids: Sequence[str]) -> None:
         seen[k] = i
 
 
-def write_shard_files(folder: Path, i: int, rows: ShardRows, index_bytes: np.ndarray) -> None:
+def write_shard_files(folder: Path, i: int, rows: ShardRows, index) -> None:
     pq.write_table(rows.table(), folder / f"{shard_name(i)}.parquet")
-    faiss.write_index(faiss.deserialize_index(index_bytes), str(folder / f"{shard_name(i)}.faiss"))
-
-
-def split_rows(ids: Sequence[str], hashes: Sequence[str], vecs: np.ndarray, n: int, dim: int) -> list[ShardRows]:
-    buckets: list[list[int]] = [[] for _ in range(n)]
-    for pos, i in enumerate(ids):
-        buckets[shard_of(i, n)].append(pos)
-    return [ShardRows.make([ids[p] for p in b], [hashes[p] for p in b], vecs[b] if b else vecs[:0], dim)
-            for b in buckets]
+    faiss.write_index(index, str(folder / f"{shard_name(i)}.faiss"))
 
 
 def read_shard_rows(index_dir: str | os.PathLike, i: int, vectors: bool = True) -> ShardRows:
