@@ -28,7 +28,7 @@ if str(ROOT) not in sys.path:
 
 from bench.quality import DATA, atomic_write_text, log, read_jsonl, run_stats, write_jsonl
 
-COMMON = ["optim.lr=2e-4", "optim.warmup_steps=5", "model.lora_r=16", "model.num_layers=8", "engine.kind=torch",
+COMMON = ["optim.lr=2e-4", "optim.warmup_steps=5", "optim.schedule=constant", "model.lora_r=16", "model.num_layers=8", "engine.kind=torch",
           "log_every=5", "model.max_length=128", "stage2.query_len=32", "stage2.doc_len=128"]
 S1 = ["stage=generative", "batch_size=16", "stage1.context_len=96", "stage1.target_len=32", "stage1.task=mixed"]
 S2 = ["stage=contrastive", "batch_size=32", "stage2.tau=0.05"]
@@ -47,6 +47,7 @@ VARIANTS: dict[str, dict] = {
                                                                       "stage2.beta=0.01"]},
     "lbr_bow_nolm": {"s1": ["stage1.comp=bow", "stage1.lm_weight=0", "stage1.beta=0.01"],
                      "s2": ["stage2.refine=bow", "stage2.lam=0.1", "stage2.beta=0.01"]},
+    "s1_bow": {"s1": ["stage1.comp=bow", "stage1.beta=0.01", "stage1.lm_fraction=0.25"]},
     "lbr_decode": {"s1": ["stage1.comp=decode", "stage1.beta=0.01"], "s2": ["stage2.refine=decode", "stage2.lam=0.1",
                                                                            "stage2.beta=0.01"]},
 }
@@ -124,6 +125,12 @@ def main(argv=None) -> int:
             f = dict(v["fresh"])
             model = LBRModel.from_backbone(bb, num_layers=8, max_length=128, lora_r=16, **f)
             entry["fresh"] = f
+        if "s1" in v and "s2" not in v:      # stage 1 alone: what "learn" leaves in the embedding
+            ov1 = COMMON + S1 + [f"steps={v.get('s1_steps', a.steps1)}"] + v["s1"] + extra(a.extra1, name)
+            run1 = a.work / key / "s1"
+            run_inprocess(load_train_config(None, ov1), bb, p1, run1, overwrite=True, progress=False)
+            entry["stage1"] = {"overrides": ov1, **run_stats(run1)}
+            model = LBRModel.from_pretrained(run1 / "model")
         if "s2" in v:
             start = bb
             if "fresh" in v:                   # stage 2 straight from a fresh bottleneck model (no stage 1)
