@@ -6,6 +6,10 @@ interval, which holds start-up and the DeepSpeed JIT load, is excluded), Ray sta
 Writes bench/results/train_throughput.json and prints a table.
 
     python bench/train_throughput.py [--steps 40] [--batch-size 8] [--hidden 256 --layers 4]
+        [--runs 1x2,2x1,...] [--profile DIR]
+
+`--runs` picks the Ray runs (1x2 = ZeRO-2 1 worker x 2 CPUs, 2x1, zero0, zero2, zero3: 2 workers x 0.5
+CPU); `--profile DIR` writes cProfile stats of the in-process loop and of every Ray worker's loop there.
 """
 from __future__ import annotations
 
@@ -38,6 +42,8 @@ def main() -> None:
     ap.add_argument("--hidden", type=int, default=256)
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "train_throughput.json"))
+    ap.add_argument("--runs", default="1x2,2x1,zero0,zero2,zero3")
+    ap.add_argument("--profile", help="folder for cProfile stats (in-process loop and each Ray worker)")
     a = ap.parse_args()
 
     from pipeline.cluster import ensure_ray
@@ -68,7 +74,17 @@ def main() -> None:
     torch.set_num_threads(2)
     cfg = load_train_config(None, common + ["engine.kind=torch"])
     t0 = time.time()
+    prof = None
+    if a.profile:
+        import cProfile
+
+        Path(a.profile).mkdir(parents=True, exist_ok=True)
+        prof = cProfile.Profile()
+        prof.enable()
     run_inprocess(cfg, backbone, corpus, tmp / "inproc", overwrite=True, progress=False)
+    if prof is not None:
+        prof.disable()
+        prof.dump_stats(str(Path(a.profile) / "inprocess.pstats"))
     import resource
 
     inproc = read_metrics(tmp / "inproc" / "metrics.jsonl")
@@ -80,15 +96,21 @@ def main() -> None:
     # logical CPUs: 1 worker x 2 CPUs on a 2-core box still needs a free CPU for Ray Data (else deadlock)
     ensure_ray(num_cpus=(os.cpu_count() or 2) + 2)
     ray_start = round(time.time() - t0, 2)
-    runs = [("ray+deepspeed zero2, 1 worker x 2 CPU", ["workers=1", "cpus_per_worker=2.0", "engine.zero=2"]),
-            ("ray+deepspeed zero2, 2 workers x 1 CPU", ["workers=2", "cpus_per_worker=1.0", "engine.zero=2"]),
-            ("ray+deepspeed zero0, 2 workers x 0.5 CPU", ["workers=2", "cpus_per_worker=0.5", "engine.zero=0"]),
-            ("ray+deepspeed zero2, 2 workers x 0.5 CPU", ["workers=2", "cpus_per_worker=0.5", "engine.zero=2"]),
-            ("ray+deepspeed zero3, 2 workers x 0.5 CPU", ["workers=2", "cpus_per_worker=0.5", "engine.zero=3"])]
-    for name, extra in runs:
+    runs = {"1x2": ("ray+deepspeed zero2, 1 worker x 2 CPU", ["workers=1", "cpus_per_worker=2.0", "engine.zero=2"]),
+            "2x1": ("ray+deepspeed zero2, 2 workers x 1 CPU", ["workers=2", "cpus_per_worker=1.0", "engine.zero=2"]),
+            "zero0": ("ray+deepspeed zero0, 2 workers x 0.5 CPU", ["workers=2", "cpus_per_worker=0.5", "engine.zero=0"]),
+            "zero2": ("ray+deepspeed zero2, 2 workers x 0.5 CPU", ["workers=2", "cpus_per_worker=0.5", "engine.zero=2"]),
+            "zero3": ("ray+deepspeed zero3, 2 workers x 0.5 CPU", ["workers=2", "cpus_per_worker=0.5", "engine.zero=3"])}
+    for key in a.runs.split(","):
+        name, extra = runs[key]
         cfg = load_train_config(None, common + ["engine.kind=deepspeed"] + extra)
         t0 = time.time()
-        rep = run_ray(cfg, backbone, corpus, tmp / name.replace(" ", "_"), overwrite=True, max_failures=0)
+        debug = None
+        if a.profile:
+            debug = {"profile": str(Path(a.profile, key).resolve())}
+            Path(debug["profile"]).mkdir(parents=True, exist_ok=True)
+        rep = run_ray(cfg, backbone, corpus, tmp / name.replace(" ", "_"), overwrite=True, max_failures=0,
+                      debug=debug)
         # workers=2: each worker logs its own tokens; rank 0 logs rank 0's, so the job's rate is x workers
         m = read_metrics(tmp / name.replace(" ", "_") / "metrics.jsonl")
         for r in m:
@@ -99,7 +121,8 @@ def main() -> None:
     result = {"machine": f"{os.cpu_count()} CPUs, no GPU", "torch_threads_inprocess": 2, "ray_start_s": ray_start,
               "model": {"hidden": a.hidden, "layers": a.layers, "bottleneck": 8},
               "batch_size": a.batch_size, "steps": a.steps, "seq": {"context": 96, "target": 32},
-              "runs": rows, "ratio_ray_ds_1worker_vs_inprocess": round(rows[1]["tokens_per_s"] / base, 3)}
+              "runs": rows, "ratio_ray_ds_1worker_vs_inprocess": round(rows[1]["tokens_per_s"] / base, 3)
+              if "1x2" in a.runs.split(",")[:1] else None}
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     Path(a.out).write_text(json.dumps(result, indent=2) + "\n")
     print(f"\nRay start-up: {ray_start}s")

@@ -8,6 +8,7 @@ Nothing is dropped silently. Ray Data wraps these functions; it does not re-impl
 from __future__ import annotations
 
 import gzip
+import io
 import json
 import math
 import os
@@ -63,19 +64,47 @@ def make_quarantine(skip_bad_records: bool, quarantine: str | os.PathLike | Quar
     return Quarantine(skip=skip_bad_records, path=Path(quarantine) if quarantine else None)
 
 
-def _lines(path: Path, q: Quarantine) -> Iterator[tuple[int, str]]:
-    """(line number, decoded line) of a text file, plain or gzip.
+class _ArrowRaw(io.RawIOBase):
+    """A pyarrow input stream as a raw Python file (pyarrow streams have no readline)."""
+
+    def __init__(self, stream):
+        self.stream = stream
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b) -> int:
+        data = self.stream.read(len(b))
+        b[: len(data)] = data
+        return len(data)
+
+    def close(self) -> None:
+        self.stream.close()
+        super().close()
+
+
+def open_binary(path: str | os.PathLike, fs=None):
+    """A buffered binary file: a local path, or a path on a pyarrow filesystem (s3://, gs://, hdfs://, file://,
+    anything `pyarrow.fs.FileSystem.from_uri` opens) read as a stream, never copied whole."""
+    if fs is None:
+        return open(path, "rb")
+    return io.BufferedReader(_ArrowRaw(fs.open_input_stream(str(path), compression=None)), 1 << 20)
+
+
+def _lines(path: Path | str, q: Quarantine, fs=None) -> Iterator[tuple[int, str]]:
+    """(line number, decoded line) of a text file, plain or gzip (local, or on the pyarrow filesystem `fs`).
 
     Bytes are decoded line by line, so one non-UTF-8 line is one bad record (file, line) instead of a
     UnicodeDecodeError from somewhere in a buffer. A truncated or corrupt gzip stream ends the file: what
     could not be read is reported at the line where reading stopped (quarantined as one record with
     skip_bad_records, else an error naming file and line).
     """
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: not a file" if path.exists() else f"{path} does not exist")
+    if fs is None and not Path(path).is_file():
+        raise FileNotFoundError(f"{path}: not a file" if Path(path).exists() else f"{path} does not exist")
     n = 0
     try:
-        with (gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb")) as f:
+        fobj = open_binary(path, fs)
+        with fobj, (gzip.GzipFile(fileobj=fobj, mode="rb") if str(path).endswith(".gz") else fobj) as f:
             for n, raw in enumerate(f, 1):
                 try:
                     yield n, raw.decode("utf-8")
@@ -86,10 +115,10 @@ def _lines(path: Path, q: Quarantine) -> Iterator[tuple[int, str]]:
         q.bad(path, n + 1, f"corrupt gzip: {e or type(e).__name__} (the rest of the file is unreadable)")
 
 
-def iter_jsonl(path: str | os.PathLike, q: Quarantine) -> Iterator[tuple[int, dict]]:
+def iter_jsonl(path: str | os.PathLike, q: Quarantine, fs=None) -> Iterator[tuple[int, dict]]:
     """(line number, object) for each non-blank line; invalid JSON or non-objects go to `q`."""
-    path = Path(path)
-    for n, line in _lines(path, q):
+    path = Path(path) if fs is None else str(path)
+    for n, line in _lines(path, q, fs):
         if not line.strip():
             continue
         try:
@@ -210,42 +239,66 @@ def read_beir(folder: str | os.PathLike, split: str = "test", skip_bad_records: 
     if not_files:
         raise FileNotFoundError(f"{folder} is not a BEIR folder: {', '.join(not_files)} is not a file")
     corpus = read_beir_corpus(files["corpus"], q)
+    queries = read_beir_queries(files["queries"], q)
+    qrels = read_qrels(files["qrels"], q, corpus, queries)
+    return BeirData(dataset_name(folder), corpus, queries, qrels, q.summary())
+
+
+def read_beir_queries(path, q: Quarantine, fs=None) -> dict[str, str]:
+    """queries.jsonl -> {id: text} (local, or on the pyarrow filesystem `fs`)."""
     queries: dict[str, str] = {}
-    for n, obj in iter_jsonl(files["queries"], q):
-        got = _fields(obj, files["queries"], n, q, ("_id", {"ids": True}), ("text", {}))
+    for n, obj in iter_jsonl(path, q, fs):
+        got = _fields(obj, path, n, q, ("_id", {"ids": True}), ("text", {}))
         if got is None:
             continue
         qid, text = got
         if qid in queries:
-            q.bad(files["queries"], n, f"duplicate id: '{qid}'", obj)
+            q.bad(path, n, f"duplicate id: '{qid}'", obj)
             continue
         queries[qid] = text
+    return queries
+
+
+def qrels_doc_ids(path, fs=None) -> set[str]:
+    """The document ids a qrels file names (unvalidated: which corpus ids a streaming reader must report)."""
+    ids = set()
+    with open_binary(path, fs) as f:
+        for raw in f:
+            cols = raw.decode("utf-8", "replace").rstrip("\r\n").split("\t")
+            if len(cols) == 3:
+                ids.add(cols[1])
+    return ids
+
+
+def read_qrels(path, q: Quarantine, corpus_ids, queries, fs=None) -> dict[str, dict[str, int]]:
+    """qrels/<split>.tsv -> {query id: {doc id: grade}}; `corpus_ids` answers `did in corpus_ids` for every
+    document the file names (the corpus itself, or the ids of it a streaming reader found)."""
     qrels: dict[str, dict[str, int]] = {}
-    for n, line in _lines(files["qrels"], q):
+    for n, line in _lines(path, q, fs):
         if not line.strip():
             continue
         cols = line.rstrip("\r\n").split("\t")
         if n == 1 and cols[0] in ("query-id", "query_id", "qid"):
             continue
         if len(cols) != 3:
-            q.bad(files["qrels"], n, f"wrong type: expected 3 tab-separated columns, got {len(cols)}", line)
+            q.bad(path, n, f"wrong type: expected 3 tab-separated columns, got {len(cols)}", line)
             continue
         qid, did, score = cols
         grade = parse_grade(score)
         if isinstance(grade, str):
-            q.bad(files["qrels"], n, grade, line)
+            q.bad(path, n, grade, line)
             continue
-        if did not in corpus:
-            q.bad(files["qrels"], n, f"unknown document: '{did}' is not in corpus.jsonl", line)
+        if did not in corpus_ids:
+            q.bad(path, n, f"unknown document: '{did}' is not in corpus.jsonl", line)
             continue
         if qid not in queries:
-            q.bad(files["qrels"], n, f"unknown query: '{qid}' is not in queries.jsonl", line)
+            q.bad(path, n, f"unknown query: '{qid}' is not in queries.jsonl", line)
             continue
         if did in qrels.get(qid, {}):
-            q.bad(files["qrels"], n, f"duplicate id: qrel ({qid}, {did}) repeated", line)
+            q.bad(path, n, f"duplicate id: qrel ({qid}, {did}) repeated", line)
             continue
         qrels.setdefault(qid, {})[did] = grade
-    return BeirData(dataset_name(folder), corpus, queries, qrels, q.summary())
+    return qrels
 
 
 # ---------------------------------------------------------------------- text corpora and pairs
@@ -256,29 +309,36 @@ def _iter_parquet(path: Path, q: Quarantine) -> Iterator[tuple[Path, int, dict]]
     file and row range: with skip_bad_records it is quarantined (the other row groups are still read),
     else the read stops with that location.
     """
+    files = sorted(p for p in path.rglob("*.parquet") if p.is_file()) if path.is_dir() else [path]
+    for f in files:
+        for n, row in iter_parquet_file(f, q):
+            yield f, n, row
+
+
+def iter_parquet_file(f: str | os.PathLike, q: Quarantine, fs=None) -> Iterator[tuple[int, dict]]:
+    """(row number, row) of one Parquet file (local, or on the pyarrow filesystem `fs`), one row group in
+    memory at a time; an unreadable footer or row group is a bad record (see `_iter_parquet`)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    files = sorted(p for p in path.rglob("*.parquet") if p.is_file()) if path.is_dir() else [path]
-    for f in files:
+    try:
+        pf = pq.ParquetFile(f if fs is None else fs.open_input_file(str(f)))
+    except (pa.ArrowException, OSError, ValueError) as e:
+        q.bad(f, 0, f"corrupt Parquet: {_one_line(e)} (the whole file is unreadable)")
+        return
+    n = 0
+    for g in range(pf.metadata.num_row_groups):
+        size = pf.metadata.row_group(g).num_rows
         try:
-            pf = pq.ParquetFile(f)
-        except (pa.ArrowException, OSError, ValueError) as e:
-            q.bad(f, 0, f"corrupt Parquet: {_one_line(e)} (the whole file is unreadable)")
+            rows = pf.read_row_group(g).to_pylist()
+        except (pa.ArrowException, OSError, ValueError, UnicodeDecodeError) as e:
+            q.bad(f, n + 1, f"corrupt Parquet: row group {g} (rows {n + 1}-{n + size}) unreadable: "
+                            f"{_one_line(e)}")
+            n += size
             continue
-        n = 0
-        for g in range(pf.metadata.num_row_groups):
-            size = pf.metadata.row_group(g).num_rows
-            try:
-                rows = pf.read_row_group(g).to_pylist()
-            except (pa.ArrowException, OSError, ValueError, UnicodeDecodeError) as e:
-                q.bad(f, n + 1, f"corrupt Parquet: row group {g} (rows {n + 1}-{n + size}) unreadable: "
-                                f"{_one_line(e)}")
-                n += size
-                continue
-            for row in rows:
-                n += 1
-                yield f, n, row
+        for row in rows:
+            n += 1
+            yield n, row
 
 
 def _one_line(e: BaseException) -> str:
@@ -314,20 +374,29 @@ def read_corpus(path: str | os.PathLike, text_field: str | None = None, skip_bad
     # rows without an id are numbered per file: in a folder of several Parquet files, prefixed by the file
     several = p.is_dir() and not (p / "corpus.jsonl").exists() and len(list(p.rglob("*.parquet"))) > 1
     for f, n, obj in iter_records(path, q):
-        id_name = _first_present(obj, ("_id", "id"))
-        did = _field(obj, id_name, f, n, q, ids=True) if id_name in obj else (
-            f"{Path(f).relative_to(path).as_posix()}:{n}" if several else str(n))
-        got = None if did is None else _fields(obj, f, n, q, (text_field or "text", {}),
-                                               ("title", {"required": False, "allow_empty": True}))
-        if got is None:
+        doc = corpus_doc(obj, f, n, q, text_field,
+                         f"{Path(f).relative_to(path).as_posix()}:{n}" if several else str(n))
+        if doc is None:
             continue
-        text, title = got
-        if did in seen:
-            q.bad(f, n, f"duplicate id: '{did}'", obj)
+        if doc["_id"] in seen:
+            q.bad(f, n, f"duplicate id: '{doc['_id']}'", obj)
             continue
-        seen.add(did)
-        out.append({"_id": did, "title": title or "", "text": text})
+        seen.add(doc["_id"])
+        out.append(doc)
     return out
+
+
+def corpus_doc(obj: dict, f, n: int, q: Quarantine, text_field: str | None, default_id: str) -> dict | None:
+    """One corpus record -> {"_id", "title", "text"}, or None after reporting it to `q` (ids: `_id` or
+    `id`, else `default_id`). Duplicate ids are the caller's check (it knows the scope)."""
+    id_name = _first_present(obj, ("_id", "id"))
+    did = _field(obj, id_name, f, n, q, ids=True) if id_name in obj else default_id
+    got = None if did is None else _fields(obj, f, n, q, (text_field or "text", {}),
+                                           ("title", {"required": False, "allow_empty": True}))
+    if got is None:
+        return None
+    text, title = got
+    return {"_id": did, "title": title or "", "text": text}
 
 
 def read_pairs(path: str | os.PathLike, query_field: str = "query", positive_field: str = "positive",
@@ -337,20 +406,28 @@ def read_pairs(path: str | os.PathLike, query_field: str = "query", positive_fie
     q = make_quarantine(skip_bad_records, quarantine)
     rows = []
     for f, n, obj in iter_records(path, q):
-        got = _fields(obj, f, n, q, (query_field, {}), (positive_field, {}))
-        if got is None:
-            continue
-        qt, pt = got
-        negs = obj.get(negatives_field)
-        if negs is None:
-            negs = []                                   # absent or null: no negatives (in-batch only)
-        if hasattr(negs, "tolist"):
-            negs = negs.tolist()
-        if not isinstance(negs, list) or not all(isinstance(x, str) and x.strip() for x in negs):
-            q.bad(f, n, f"wrong type: field '{negatives_field}' must be a list of non-empty strings", obj)
-            continue
-        rows.append({"query": qt, "positive": pt, "negatives": list(negs)})
+        row = pair_row(obj, f, n, q, query_field, positive_field, negatives_field)
+        if row is not None:
+            rows.append(row)
     return rows
+
+
+def pair_row(obj: dict, f, n: int, q: Quarantine, query_field: str = "query", positive_field: str = "positive",
+             negatives_field: str = "negatives") -> dict | None:
+    """One pairs record -> {"query", "positive", "negatives"}, or None after reporting it to `q`."""
+    got = _fields(obj, f, n, q, (query_field, {}), (positive_field, {}))
+    if got is None:
+        return None
+    qt, pt = got
+    negs = obj.get(negatives_field)
+    if negs is None:
+        negs = []                                   # absent or null: no negatives (in-batch only)
+    if hasattr(negs, "tolist"):
+        negs = negs.tolist()
+    if not isinstance(negs, list) or not all(isinstance(x, str) and x.strip() for x in negs):
+        q.bad(f, n, f"wrong type: field '{negatives_field}' must be a list of non-empty strings", obj)
+        return None
+    return {"query": qt, "positive": pt, "negatives": list(negs)}
 
 
 def beir_pairs(data: BeirData, min_grade: int = 1) -> list[dict]:

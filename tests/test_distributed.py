@@ -182,15 +182,18 @@ def test_killed_worker_resumes_from_last_checkpoint(ray_session, tiny_backbone, 
     LBRModel.from_pretrained(tmp_path / "run" / "model")
 
 
-def test_data_from_a_filesystem_uri(tmp_path):
-    """`--data` accepts URIs; file:// (and any pyarrow.fs scheme) resolves to readable local files."""
-    from pipeline.train.stream import localize
-    from stages.readers import read_beir, read_corpus
+def test_data_from_a_filesystem_uri_is_listed_not_copied(tmp_path):
+    """`--data` accepts URIs: file:// (and any pyarrow.fs scheme) is listed through pyarrow.fs and read by the
+    Ray Data tasks in place (tests/test_train_stream.py checks the rows); nothing is copied down."""
+    from pipeline.train.stream import open_source
 
+    cfg = load_train_config(None, ["stage=contrastive"])
     corpus = _write_corpus(tmp_path / "corpus.jsonl", n=10)
-    assert read_corpus(localize(f"file://{corpus}")) == read_corpus(corpus)
+    src = open_source(f"file://{corpus}", cfg)
+    assert (src.layout, src.files) == ("jsonl", (str(corpus),))
     folder = _write_beir(tmp_path / "beir", n=10)
-    assert read_beir(localize(f"file://{folder}")).qrels == read_beir(folder).qrels
+    src = open_source(f"file://{folder}", cfg)
+    assert (src.layout, src.files) == ("beir", (str(folder / "corpus.jsonl"),))
     # a non-file scheme goes through pyarrow.fs (mock:// is pyarrow's empty in-memory filesystem)
-    with pytest.raises(FileNotFoundError):
-        localize("mock:///nothing/here.jsonl")
+    with pytest.raises(FileNotFoundError, match="mock:///nothing/here.jsonl does not exist"):
+        open_source("mock:///nothing/here.jsonl", cfg)

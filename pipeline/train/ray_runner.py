@@ -16,8 +16,7 @@ from pathlib import Path
 
 from pipeline.cluster import ensure_ray
 from pipeline.config import TrainConfig, from_dict
-from pipeline.train.inprocess import prepare_run
-from pipeline.train.run_folder import MetricsWriter, read_metrics, write_report
+from pipeline.train.run_folder import MetricsWriter, check_out_dir, claim_out_dir, read_metrics, write_report
 from pipeline.train.start_model import prepare_model
 
 STATE_FILE = "trainer_state.json"
@@ -113,10 +112,19 @@ def worker_fn(config: dict) -> None:
                              checkpoint=ray.train.Checkpoint.from_directory(d))
 
     source = shard_source(ray.train.get_dataset_shard("train"), cfg.batch_size, seed=cfg.seed + rank)
+    profiler = None
+    if debug.get("profile"):                         # cProfile of the loop, per rank (bench/train_throughput.py)
+        import cProfile
+
+        profiler = cProfile.Profile()
+        profiler.enable()
     try:
         train_loop(model, engine, source, cfg, start_step=start, rank=rank, device=device, gather=gather,
                    log=log, checkpoint=checkpoint)
     finally:
+        if profiler is not None:
+            profiler.disable()
+            profiler.dump_stats(str(Path(debug["profile"]) / f"rank{rank}.pstats"))
         if writer is not None:
             writer.close()
 
@@ -229,21 +237,34 @@ def run_ray(cfg: TrainConfig, model_path: str | Path, data_path: str | Path, out
             overwrite: bool = False, max_failures: int = 2, storage_path: str | None = None,
             pid_file: str | None = None, debug: dict | None = None, eval_config: dict | None = None,
             run_config_kwargs: dict | None = None) -> dict:
-    """Train one stage with Ray Train; returns the report (also written to out/report.json)."""
+    """Train one stage with Ray Train; returns the report (also written to out/report.json).
+
+    The data streams (pipeline.train.stream): the driver lists the input files, a Ray Data check pass
+    validates and counts every record (and fills the quarantine) before --out is touched, and the train
+    pass reads, validates and tokenises inside Ray Data tasks feeding the workers' dataset shards.
+    """
     from pipeline.model_paths import resolve_model_dir
-    from pipeline.train.stream import build_dataset, localize
+    from pipeline.train.stream import build_dataset, check_source, open_source
 
     t0 = time.time()
-    # inputs (rows, model) are validated before any Ray work starts and before --out is touched
-    out, rows, bad, _ = prepare_run(cfg, model_path, localize(data_path), out, overwrite)
-    out = out.resolve()
+    # inputs (data listing, model, every record) are validated before Ray Train starts and before --out is touched
+    stale = check_out_dir(out, overwrite)
+    src = open_source(data_path, cfg)
+    prepare_model(cfg, model_path)
     model_path = resolve_model_dir(model_path)           # a run folder stands for its model/
     ensure_ray()
     import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    ds = build_dataset(cfg, rows, model_path)
+    checked = check_source(src, cfg)
+    try:
+        out = claim_out_dir(out, overwrite, stale).resolve()
+        bad = checked.move_quarantine(out)
+    finally:
+        if checked.quarantine is not None:
+            checked.quarantine.unlink(missing_ok=True)
+    ds = build_dataset(cfg, src, checked, model_path)
     use_gpu = ray.cluster_resources().get("GPU", 0) > 0
     scaling = ScalingConfig(num_workers=cfg.workers, use_gpu=use_gpu,
                             resources_per_worker=None if use_gpu else {"CPU": cfg.cpus_per_worker})
@@ -276,7 +297,7 @@ def run_ray(cfg: TrainConfig, model_path: str | Path, data_path: str | Path, out
     metrics = read_metrics(out / "metrics.jsonl")
     attempts = (out / ".attempts").read_text().split() if (out / ".attempts").exists() else ["0"]
     report = {"stage": cfg.stage, "engine": cfg.engine.kind, "zero": cfg.engine.zero, "workers": cfg.workers,
-              "model_in": str(model_path), "data": str(data_path), "steps": cfg.steps, "rows": len(rows),
+              "model_in": str(model_path), "data": str(data_path), "steps": cfg.steps, "rows": checked.rows,
               "bad_records": bad, "seconds": round(time.time() - t0, 2), "fit_seconds": round(fit_s, 2),
               "restarts": len(attempts) - 1, "resumed_from_steps": [int(x) for x in attempts[1:]],
               "final": metrics[-1] if metrics else {}, "config": cfg.to_dict()}
