@@ -86,6 +86,7 @@ def main(argv=None) -> int:
     p.add_argument("--out", type=Path, default=ROOT / "bench/results/recipe-smollm2.json")
     p.add_argument("--work", type=Path, default=ROOT / "runs/recipe")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--reuse", action="store_true", help="reuse finished run folders under --work (evaluate only)")
     a = p.parse_args(argv)
     if a.list:
         print(json.dumps(VARIANTS, indent=1))
@@ -110,6 +111,12 @@ def main(argv=None) -> int:
         "eval": {"set": "medquad/dev", "max_queries": a.max_queries, "max_corpus": a.max_corpus, "seed": a.seed},
         "common": COMMON, "stage1": S1, "stage2": S2, "variants": {}}
 
+    def train(overrides, start, data_path, run):
+        if a.reuse and (run / "model").exists() and (run / "report.json").exists():
+            log(f"{run}: finished earlier, reusing its model")  # same overrides: the entry records them
+            return
+        run_inprocess(load_train_config(None, overrides), start, data_path, run, overwrite=True, progress=False)
+
     def extra(items, name):
         return [x.split(":", 1)[1] for x in items if x.split(":", 1)[0] == name]
 
@@ -128,7 +135,7 @@ def main(argv=None) -> int:
         if "s1" in v and "s2" not in v:      # stage 1 alone: what "learn" leaves in the embedding
             ov1 = COMMON + S1 + [f"steps={v.get('s1_steps', a.steps1)}"] + v["s1"] + extra(a.extra1, name)
             run1 = a.work / key / "s1"
-            run_inprocess(load_train_config(None, ov1), bb, p1, run1, overwrite=True, progress=False)
+            train(ov1, bb, p1, run1)
             entry["stage1"] = {"overrides": ov1, **run_stats(run1)}
             model = LBRModel.from_pretrained(run1 / "model")
         if "s2" in v:
@@ -138,12 +145,12 @@ def main(argv=None) -> int:
             if "s1" in v:
                 ov1 = COMMON + S1 + [f"steps={v.get('s1_steps', a.steps1)}"] + v["s1"] + extra(a.extra1, name)
                 run1 = a.work / key / "s1"
-                run_inprocess(load_train_config(None, ov1), bb, p1, run1, overwrite=True, progress=False)
+                train(ov1, bb, p1, run1)
                 entry["stage1"] = {"overrides": ov1, **run_stats(run1)}
                 start = run1 / "model"
             ov2 = COMMON + S2 + [f"steps={a.steps2}"] + v["s2"] + extra(a.extra, name)
             run2 = a.work / key / "s2"
-            run_inprocess(load_train_config(None, ov2), start, p2, run2, overwrite=True, progress=False)
+            train(ov2, start, p2, run2)
             entry["stage2"] = {"overrides": ov2, **run_stats(run2)}
             model = LBRModel.from_pretrained(run2 / "model")
         m = evaluate_retriever(model, data, ecfg)
@@ -151,6 +158,8 @@ def main(argv=None) -> int:
         emb = model.encode([d["text"] for d in list(data.corpus.values())[:64]])
         entry["mean_pairwise_cos"] = round(float((emb @ emb.T).mean()), 3)
         entry["seconds_total"] = round(time.time() - t0, 1)
+        if a.out.exists():                    # another run may have added variants meanwhile: merge, never drop
+            res["variants"] = {**json.loads(a.out.read_text())["variants"], **res["variants"]}
         res["variants"][key] = entry
         atomic_write_text(a.out, json.dumps(res, indent=1) + "\n")
         lines = ["| variant | nDCG@10 | R@100 | MRR@10 | s1 s | s1 tok/s | s2 s | s2 tok/s |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
