@@ -269,14 +269,26 @@ def staged_table(ids: list[str], hashes: list[str], num_shards: int, vecs: np.nd
 
 
 def count_docs_upto(corpus: str | os.PathLike, limit: int, text_field: str | None = None) -> int:
-    """Usable documents of `corpus`, counted up to `limit` (reads only as far as needed; a bad record
-    among them fails here, before Ray starts)."""
+    """Documents of `corpus`, counted up to `limit`, before Ray starts: Parquet row counts from the
+    footers (an upper bound: the tasks validate the rows), JSONL records read one line at a time (a bad
+    record among them fails here). Never more than a line in memory."""
     n = 0
     for src in corpus_sources(corpus):
-        for t in read_source(src, 1, text_field, rows_per_block=min(max(limit, 1), 4096)):
-            n += len(t)
-            if n >= limit:
-                return n
+        if src.path.endswith(".parquet"):
+            import pyarrow.parquet as pq
+
+            try:
+                n += pq.ParquetFile(src.path).metadata.num_rows
+            except Exception:
+                next(read_source(src, 1, text_field, rows_per_block=1), None)
+                raise
+        else:
+            for t in read_source(src, 1, text_field, rows_per_block=1):
+                n += len(t)
+                if n >= limit:
+                    return n
+        if n >= limit:
+            return n
     return n
 
 

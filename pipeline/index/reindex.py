@@ -110,12 +110,13 @@ def reindex_corpus(index_dir: str | os.PathLike, corpus: str | os.PathLike, mode
                 return
             import ray
 
-            from pipeline.index.stage import _rows_per_write, _StageEncodeActor
+            from pipeline.index.stage import _rows_per_write, _StageEncodeActor, actor_threads
 
             use_gpu = ecfg.use_gpu if ecfg.use_gpu is not None else ray.cluster_resources().get("GPU", 0) > 0
             resources = {"num_gpus": 1} if use_gpu else {"num_cpus": ecfg.num_cpus_per_actor}
             ds = ray.data.read_parquet([str(f) for f in todo_files], num_cpus=0.25)
-            ds = ds.map_batches(_StageEncodeActor, fn_constructor_args=(model["path"], ecfg.batch_size, False),
+            ds = ds.map_batches(_StageEncodeActor, fn_constructor_args=(model["path"], ecfg.batch_size, False,
+                                                                        actor_threads(ecfg, use_gpu)),
                                 batch_size=ecfg.batch_size * 8, batch_format="pyarrow",
                                 compute=ray.data.ActorPoolStrategy(size=ecfg.num_actors), **resources)
             write_partitioned_ray(ds, emb, _rows_per_write(m["dimension"], cfg.shards))

@@ -54,10 +54,15 @@ def corpus_sources(path: str | os.PathLike) -> list[Source]:
     return [Source(str(p), None, 0)]
 
 
-def _doc(obj: dict, f, n: int, q, text_field: str | None, default_id: str) -> dict | None:
-    """One record -> {"_id", "title", "text"} under the core readers' rules (stages.readers.read_corpus)."""
+def _doc(obj: dict, f, n: int, q, text_field: str | None, default_id: str, beir: bool = False) -> dict | None:
+    """One record -> {"_id", "title", "text"} under the core readers' rules (stages.readers.read_corpus;
+    with `beir`, read_beir_corpus's: `_id` required)."""
     from stages.readers import _field, _fields, _first_present
 
+    if beir:
+        got = _fields(obj, f, n, q, ("_id", {"ids": True}), ("text", {}),
+                      ("title", {"required": False, "allow_empty": True}))
+        return None if got is None else {"_id": got[0], "title": got[2] or "", "text": got[1]}
     id_name = _first_present(obj, ("_id", "id"))
     did = _field(obj, id_name, f, n, q, ids=True) if id_name in obj else default_id
     got = None if did is None else _fields(obj, f, n, q, (text_field or "text", {}),
@@ -69,7 +74,7 @@ def _doc(obj: dict, f, n: int, q, text_field: str | None, default_id: str) -> di
 
 
 def read_source(src: Source, num_shards: int, text_field: str | None = None,
-                rows_per_block: int = 2048) -> Iterator[pa.Table]:
+                rows_per_block: int = 2048, beir: bool = False) -> Iterator[pa.Table]:
     """Tables of (id, int_id, shard, content_hash, text, src_*) from one corpus file, `rows_per_block` at a
     time. The first bad record raises BadRecordError with file and line (the build refuses bad input)."""
     from stages.readers import iter_records, make_quarantine
@@ -95,7 +100,7 @@ def read_source(src: Source, num_shards: int, text_field: str | None = None,
         return t
 
     for f, n, obj in iter_records(src.path, q):
-        doc = _doc(obj, f, n, q, text_field, f"{src.prefix}:{n}" if src.prefix else str(n))
+        doc = _doc(obj, f, n, q, text_field, f"{src.prefix}:{n}" if src.prefix else str(n), beir)
         if doc is None:
             continue
         cols["id"].append(doc["_id"])
@@ -107,11 +112,12 @@ def read_source(src: Source, num_shards: int, text_field: str | None = None,
         yield flush()
 
 
-def _read_sources(batch: dict, num_shards: int, text_field: str | None, rows_per_block: int) -> Iterator[pa.Table]:
+def _read_sources(batch: dict, num_shards: int, text_field: str | None, rows_per_block: int,
+                  beir: bool = False) -> Iterator[pa.Table]:
     """Ray Data generator UDF: one input row per corpus file -> that file's rows, a block at a time."""
     for path, prefix, order in zip(batch["path"], batch["prefix"], batch["order"]):
         yield from read_source(Source(str(path), None if prefix in (None, "") else str(prefix), int(order)),
-                               num_shards, text_field, rows_per_block)
+                               num_shards, text_field, rows_per_block, beir)
 
 
 def embed_table(encoder, t: pa.Table, batch_size: int, keep_text: bool = False) -> pa.Table:
@@ -124,13 +130,22 @@ def embed_table(encoder, t: pa.Table, batch_size: int, keep_text: bool = False) 
 class _StageEncodeActor:
     """Ray Data callable class: the model is loaded once per actor, then reused for every batch."""
 
-    def __init__(self, model_ref: str, batch_size: int, keep_text: bool):
+    def __init__(self, model_ref: str, batch_size: int, keep_text: bool, threads: int | None = None):
+        if threads and not str(model_ref).startswith("hashing:"):
+            # a CPU actor computes with the cores it was given (Ray sets 1 thread for fractional CPUs)
+            import torch
+
+            torch.set_num_threads(threads)
         self.encoder = load_encoder(model_ref)
         self.batch_size = batch_size
         self.keep_text = keep_text
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         return embed_table(self.encoder, batch, self.batch_size, self.keep_text)
+
+
+def actor_threads(cfg: EmbedConfig, use_gpu: bool) -> int | None:
+    return None if use_gpu else max(1, int(cfg.num_cpus_per_actor))
 
 
 def _rows_per_write(dim: int | None, num_shards: int) -> int:
@@ -159,7 +174,8 @@ def unwrap_task_error(e: BaseException) -> BaseException:
 
 def stage_corpus(corpus: str | os.PathLike, stage: str | os.PathLike, num_shards: int,
                  model_ref: str | None = None, embed_cfg: EmbedConfig | None = None, use_ray: bool = True,
-                 text_field: str | None = None, keep_text: bool = False, dim: int | None = None) -> Path:
+                 text_field: str | None = None, keep_text: bool = False, dim: int | None = None,
+                 beir: bool = False) -> Path:
     """Stream `corpus` into `stage`/shard=<i>/ Parquet files; with `model_ref`, embedded (vector column).
 
     Ray path: Ray Data reads the files in tasks, embeds in an actor pool and writes the partitions; the
@@ -185,7 +201,7 @@ def stage_corpus(corpus: str | os.PathLike, stage: str | os.PathLike, num_shards
             rows = 0
 
         for src in sources:
-            for t in read_source(src, num_shards, text_field, cfg.rows_per_block):
+            for t in read_source(src, num_shards, text_field, cfg.rows_per_block, beir):
                 if encoder is not None:
                     t = embed_table(encoder, t, cfg.batch_size, keep_text)
                 buf.append(t)
@@ -203,11 +219,12 @@ def stage_corpus(corpus: str | os.PathLike, stage: str | os.PathLike, num_shards
     ds = ray.data.from_items(items, override_num_blocks=len(items))
     ds = ds.map_batches(_read_sources, batch_size=1, batch_format="pyarrow",
                         fn_kwargs={"num_shards": num_shards, "text_field": text_field,
-                                   "rows_per_block": cfg.rows_per_block}, num_cpus=0.25)
+                                   "rows_per_block": cfg.rows_per_block, "beir": beir}, num_cpus=0.25)
     if model_ref is not None:
         use_gpu = cfg.use_gpu if cfg.use_gpu is not None else ray.cluster_resources().get("GPU", 0) > 0
         resources = {"num_gpus": 1} if use_gpu else {"num_cpus": cfg.num_cpus_per_actor}
-        ds = ds.map_batches(_StageEncodeActor, fn_constructor_args=(str(model_ref), cfg.batch_size, keep_text),
+        ds = ds.map_batches(_StageEncodeActor, fn_constructor_args=(str(model_ref), cfg.batch_size, keep_text,
+                                                                    actor_threads(cfg, use_gpu)),
                             batch_size=cfg.batch_size * 8, batch_format="pyarrow",
                             compute=ray.data.ActorPoolStrategy(size=cfg.num_actors), **resources)
     write_partitioned_ray(ds, stage, per_write)
