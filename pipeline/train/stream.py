@@ -290,6 +290,7 @@ def check_source(src: Source, cfg: TrainConfig) -> Checked:
     reasons: dict[str, int] = {}
     found: set[str] = set()
     n_bad = 0
+    qfile: Path | None = None
     try:
         for batch in _check_ds(src, cfg, strict, pairs).iter_batches(batch_format="pyarrow", batch_size=None):
             lines: dict[int, list[str]] = {}
@@ -330,6 +331,10 @@ def check_source(src: Source, cfg: TrainConfig) -> Checked:
         if n_bad == 0:
             qfile.unlink()
             qfile = None
+    except BaseException:
+        if qfile is not None:                   # a failed check leaves no quarantine file behind
+            qfile.unlink(missing_ok=True)
+        raise
     finally:
         shutil.rmtree(parts, ignore_errors=True)
     if src.layout == "beir":
