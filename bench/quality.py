@@ -369,10 +369,13 @@ def ensure_run(name: str, stage: str, a, extra, model_in: Path, data: Path, runs
     from pipeline.train.inprocess import run_inprocess
 
     out = runs / name
-    if (out / "report.json").exists() and (out / "model").exists():
-        log(f"train {name}: done earlier, reusing {out}")
-        return out
     cfg = train_cfg(stage, a, extra, steps)
+    if (out / "report.json").exists() and (out / "model").exists():
+        # reuse only a run made with this exact config: a folder left by another recipe is retrained
+        if json.loads((out / "report.json").read_text()).get("config") == json.loads(json.dumps(cfg.to_dict())):
+            log(f"train {name}: done earlier with the same config, reusing {out}")
+            return out
+        log(f"train {name}: {out} was trained with another config; retraining")
     log(f"train {name}: stage={stage} steps={steps} overrides={extra}")
     t0 = time.time()
     rep = run_inprocess(cfg, model_in, data, out, overwrite=True, progress=False)
