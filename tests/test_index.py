@@ -172,7 +172,7 @@ def test_failed_build_leaves_previous_index_servable(tmp_path, monkeypatch):
     # the same for a re-index that fails midway
     calls.clear()
     with pytest.raises(OSError, match="injected"):
-        reindex(tmp_path / "ix", [f"doc-{i}" for i in range(500)], ["new"] * 500, lambda t: x[: len(t)])
+        reindex(tmp_path / "ix", [f"doc-{i}" for i in range(500)], ["new"] * 500, lambda t: x[: len(t)], use_ray=False)
     assert (tmp_path / "ix" / "manifest.json").read_bytes() == manifest
 
 
