@@ -57,20 +57,13 @@ def corpus_sources(path: str | os.PathLike) -> list[Source]:
 def _doc(obj: dict, f, n: int, q, text_field: str | None, default_id: str, beir: bool = False) -> dict | None:
     """One record -> {"_id", "title", "text"} under the core readers' rules (stages.readers.read_corpus;
     with `beir`, read_beir_corpus's: `_id` required)."""
-    from stages.readers import _field, _fields, _first_present
+    from stages.readers import _fields, corpus_doc
 
     if beir:
         got = _fields(obj, f, n, q, ("_id", {"ids": True}), ("text", {}),
                       ("title", {"required": False, "allow_empty": True}))
         return None if got is None else {"_id": got[0], "title": got[2] or "", "text": got[1]}
-    id_name = _first_present(obj, ("_id", "id"))
-    did = _field(obj, id_name, f, n, q, ids=True) if id_name in obj else default_id
-    got = None if did is None else _fields(obj, f, n, q, (text_field or "text", {}),
-                                           ("title", {"required": False, "allow_empty": True}))
-    if got is None:
-        return None
-    text, title = got
-    return {"_id": did, "title": title or "", "text": text}
+    return corpus_doc(obj, f, n, q, text_field, default_id)
 
 
 def read_source(src: Source, num_shards: int, text_field: str | None = None,
