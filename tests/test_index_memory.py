@@ -7,10 +7,9 @@ over its level just before the build must stay under DRIVER_GROWTH_MB. The previ
 into a list, gather every vector in one array, split it into shards in the driver) grew it by ~6x the
 vectors: this test fails on it (numbers in the README).
 """
-import threading
 
-import psutil
 import pytest
+from _rss import PeakRSS
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -40,22 +39,6 @@ WORDS = [f"{'abcdefghij'[j % 10]}{j:05d}" * 9 for j in range(5000)]
 
 def _text(i):
     return " ".join(WORDS[(i * 7 + k * 131) % 5000] for k in range(19)) + f" n{i}"
-
-
-class PeakRSS(threading.Thread):
-    def __init__(self):
-        super().__init__(daemon=True)
-        self.proc = psutil.Process()
-        self.base = self.peak = self.proc.memory_info().rss
-        self.stop = threading.Event()
-
-    def run(self):
-        while not self.stop.wait(0.01):
-            self.peak = max(self.peak, self.proc.memory_info().rss)
-
-    @property
-    def growth_mb(self) -> float:
-        return (self.peak - self.base) / 2**20
 
 
 def _build(corpus, out, shards=8):

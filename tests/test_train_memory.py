@@ -6,12 +6,11 @@ and exports the model; its peak growth over the level just before the run must s
 DRIVER_GROWTH_MB while the corpus is CORPUS_MB (4x that). Reading the rows into the driver (the old
 `from_items` path) grows it by more than the corpus itself.
 """
-import threading
 import time
 from pathlib import Path
 
-import psutil
 import pytest
+from _rss import PeakRSS
 
 from pipeline.config import load_train_config
 
@@ -44,22 +43,6 @@ def _write_corpus(folder: Path, mb: int, files: int = 2) -> int:
                 w.write_table(pa.table({"_id": ids, "text": texts}))
                 size += sum(map(len, texts))
     return n
-
-
-class PeakRSS(threading.Thread):
-    def __init__(self):
-        super().__init__(daemon=True)
-        self.proc = psutil.Process()
-        self.base = self.peak = self.proc.memory_info().rss
-        self.stop = threading.Event()
-
-    def run(self):
-        while not self.stop.wait(0.01):
-            self.peak = max(self.peak, self.proc.memory_info().rss)
-
-    @property
-    def growth_mb(self) -> float:
-        return (self.peak - self.base) / 2**20
 
 
 def test_driver_memory_stays_bounded_while_training_on_a_corpus_4x_larger(ray_session, tiny_backbone, tmp_path):
