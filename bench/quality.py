@@ -175,10 +175,13 @@ def build_training_data(work: Path, per_domain_s1: int, per_domain_s2: int, seed
         "chebi_train": [{"_id": f"chebi:{c}", "text": f"{desc}\nSMILES: {smi}"}
                         for c, desc, smi in sample(chebi_train, per_domain_s1)],
     }
-    s2 = {
-        "medquad_qa": [{"query": r["question"], "positive": r["answer"]} for r in sample(med, per_domain_s2)],
-        "chebi_desc_smiles": [{"query": desc, "positive": smi} for _, desc, smi in sample(chebi_train, per_domain_s2)],
-        "stdlib_doc_code": [{"query": r["query"], "positive": r["positive"]} for r in sample(std_pairs, per_domain_s2)],
+    s2 = {   # "domain": the group of --group-batches (data.group_field); ignored without it
+        "medquad_qa": [{"query": r["question"], "positive": r["answer"], "domain": "medical"}
+                       for r in sample(med, per_domain_s2)],
+        "chebi_desc_smiles": [{"query": desc, "positive": smi, "domain": "chemistry"}
+                              for _, desc, smi in sample(chebi_train, per_domain_s2)],
+        "stdlib_doc_code": [{"query": r["query"], "positive": r["positive"], "domain": "code"}
+                            for r in sample(std_pairs, per_domain_s2)],
     }
     for name, view in sorted((corpora or {}).items()):
         docs = sorted(view.corpus.items())
@@ -349,6 +352,8 @@ def train_cfg(stage: str, a, extra: list[str], steps: int):
     ov.append(f"batch_size={a.batch_size1 if stage == 'generative' else a.batch_size}")
     if a.new_lr:
         ov.append(f"optim.new_lr={a.new_lr}")
+    if a.group_batches and stage == "contrastive":
+        ov.append("data.group_field=domain")
     if a.num_layers:
         ov.append(f"model.num_layers={a.num_layers}")
     return load_train_config(None, ov + list(a.train_override) + list(extra))
@@ -418,6 +423,8 @@ def main(argv=None) -> int:
     p.add_argument("--query-len", type=int, default=32)
     p.add_argument("--doc-len", type=int, default=128)
     p.add_argument("--per-domain-s1", type=int, default=300)
+    p.add_argument("--group-batches", action=argparse.BooleanOptionalAction, default=True,
+                   help="stage-2 batches from one domain each (data.group_field): same-domain in-batch negatives")
     p.add_argument("--per-domain-s2", type=int, default=600)
     p.add_argument("--stage1-corpora", action=argparse.BooleanOptionalAction, default=True,
                    help="add each dev set's unlabelled corpus text to the stage-1 text")
@@ -486,7 +493,7 @@ def main(argv=None) -> int:
                   "comp": a.comp, "beta": a.beta, "lam": a.lam, "tau": a.tau,
                   "stage1_context_len": a.context_len, "target_len": a.target_len, "query_len": a.query_len,
                   "doc_len": a.doc_len, "per_domain_stage1": a.per_domain_s1, "per_domain_stage2": a.per_domain_s2,
-                  "stage1_corpora": a.stage1_corpora, "train_override": a.train_override, "seed": a.seed,
+                  "group_batches": a.group_batches, "stage1_corpora": a.stage1_corpora, "train_override": a.train_override, "seed": a.seed,
                   "engine": "torch (in-process, CPU)"},
         "eval": {"max_queries": a.max_queries, "max_corpus": a.max_corpus, "seed": a.seed,
                  "subsampling": ("none (full corpora)" if a.full else

@@ -83,6 +83,8 @@ class DataConfig:
     query_field: str = "query"         # stage 2 pair files
     positive_field: str = "positive"
     negatives_field: str = "negatives"
+    group_field: str | None = None     # stage 2 pair files: every batch is drawn from rows sharing this field's
+                                       # value (same-domain in-batch negatives; in-process trainer only)
     split: str = "test"                # BEIR qrels split used as stage-2 training pairs
     skip_bad_records: bool = False
     max_records: int | None = None     # cap (e.g. laptop runs); None = all

@@ -401,20 +401,22 @@ def corpus_doc(obj: dict, f, n: int, q: Quarantine, text_field: str | None, defa
 
 def read_pairs(path: str | os.PathLike, query_field: str = "query", positive_field: str = "positive",
                negatives_field: str = "negatives", skip_bad_records: bool = False,
-               quarantine: str | os.PathLike | Quarantine | None = None) -> list[dict]:
-    """(query, positive, negatives) rows as [{"query", "positive", "negatives": [...]}] (negatives optional)."""
+               quarantine: str | os.PathLike | Quarantine | None = None, group_field: str | None = None) -> list[dict]:
+    """(query, positive, negatives) rows as [{"query", "positive", "negatives": [...]}] (negatives optional;
+    with `group_field`, each row also carries its "group")."""
     q = make_quarantine(skip_bad_records, quarantine)
     rows = []
     for f, n, obj in iter_records(path, q):
-        row = pair_row(obj, f, n, q, query_field, positive_field, negatives_field)
+        row = pair_row(obj, f, n, q, query_field, positive_field, negatives_field, group_field)
         if row is not None:
             rows.append(row)
     return rows
 
 
 def pair_row(obj: dict, f, n: int, q: Quarantine, query_field: str = "query", positive_field: str = "positive",
-             negatives_field: str = "negatives") -> dict | None:
-    """One pairs record -> {"query", "positive", "negatives"}, or None after reporting it to `q`."""
+             negatives_field: str = "negatives", group_field: str | None = None) -> dict | None:
+    """One pairs record -> {"query", "positive", "negatives"} (+ "group" with `group_field`), or None after
+    reporting it to `q`."""
     got = _fields(obj, f, n, q, (query_field, {}), (positive_field, {}))
     if got is None:
         return None
@@ -427,7 +429,16 @@ def pair_row(obj: dict, f, n: int, q: Quarantine, query_field: str = "query", po
     if not isinstance(negs, list) or not all(isinstance(x, str) and x.strip() for x in negs):
         q.bad(f, n, f"wrong type: field '{negatives_field}' must be a list of non-empty strings", obj)
         return None
-    return {"query": qt, "positive": pt, "negatives": list(negs)}
+    row = {"query": qt, "positive": pt, "negatives": list(negs)}
+    if group_field is not None:
+        g = obj.get(group_field)
+        if not isinstance(g, str) or not g.strip():
+            q.bad(f, n, f"missing field: '{group_field}' (data.group_field) must be a non-empty string"
+                  if g is None else f"wrong type: field '{group_field}' (data.group_field) must be a non-empty string",
+                  obj)
+            return None
+        row["group"] = g
+    return row
 
 
 def beir_pairs(data: BeirData, min_grade: int = 1) -> list[dict]:

@@ -247,6 +247,10 @@ def run_ray(cfg: TrainConfig, model_path: str | Path, data_path: str | Path, out
     from pipeline.train.stream import build_dataset, check_source, open_source
 
     t0 = time.time()
+    if cfg.data.group_field is not None:
+        raise ValueError(f"data.group_field={cfg.data.group_field!r}: same-group batches are built by the in-process "
+                         "trainer only (engine.kind=torch, workers=1); the Ray path streams rows through a local "
+                         "shuffle buffer and would mix groups. Unset it or train in-process.")
     # inputs (data listing, model, every record) are validated before Ray Train starts and before --out is touched
     stale = check_out_dir(out, overwrite)
     src = open_source(data_path, cfg)
