@@ -99,16 +99,45 @@ def test_two_worker_gathered_loss_equals_single_process_loss(ray_session, tiny_b
 
 
 # ---------------------------------------------------------------------- both stages through jobs.train
-def test_both_stages_two_workers_zero2_through_jobs_train(ray_session, tiny_backbone, tmp_path):
+def test_both_stages_two_workers_zero2_through_jobs_train(ray_session, tiny_backbone, tmp_path, monkeypatch):
+    """Stage 1 reads a Parquet corpus given as a file:// URI: Ray Data tasks read it (the driver process
+    never opens the file), its one bad row goes to the quarantine, and both stages train with 2 workers."""
+    import builtins
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
     from jobs.train import main
 
-    corpus = _write_corpus(tmp_path / "corpus.jsonl")
+    data = synthetic_retrieval(n_docs=64, n_train=64)
+    corpus = tmp_path / "corpus.parquet"
+    pq.write_table(pa.Table.from_pylist([{"_id": k, "text": v["text"]} for k, v in data["corpus"].items()]
+                                        + [{"_id": None, "text": "a row without an id"}]), corpus, row_group_size=16)
     beir = _write_beir(tmp_path / "beir")
     common = ["--workers", "2", "--zero", "2", "--steps", "4", "batch_size=4", "log_every=1",
               "optim.lr=0.003", "stage1.context_len=24", "stage1.target_len=8"]
-    assert main(["--stage", "generative", "--model", str(tiny_backbone), "--data", str(corpus),
-                 "--out", str(tmp_path / "s1")] + common) == 0
+    opened = []
+    real_pf, real_open = pq.ParquetFile, builtins.open
+
+    def spy_pf(src, *a, **kw):
+        opened.append(str(src))
+        return real_pf(src, *a, **kw)
+
+    def spy_open(f, *a, **kw):
+        if str(f).endswith(".parquet"):
+            opened.append(str(f))
+        return real_open(f, *a, **kw)
+
+    with monkeypatch.context() as mp:
+        mp.setattr(pq, "ParquetFile", spy_pf)                        # the driver's own reads only
+        mp.setattr(builtins, "open", spy_open)
+        assert main(["--stage", "generative", "--model", str(tiny_backbone), "--data", f"file://{corpus}",
+                     "--out", str(tmp_path / "s1"), "data.skip_bad_records=true"] + common) == 0
+    assert opened == []
     s1 = tmp_path / "s1"
+    rep1 = json.loads((s1 / "report.json").read_text())
+    assert rep1["rows"] == 64 and rep1["bad_records"]["bad_records"] == 1
+    assert json.loads((s1 / "quarantine.jsonl").read_text())["reason"].startswith("missing field: '_id'")
     m1 = LBRModel.from_pretrained(s1 / "model")
     recs = [json.loads(x) for x in (s1 / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in recs] == [1, 2, 3, 4]
@@ -123,7 +152,7 @@ def test_both_stages_two_workers_zero2_through_jobs_train(ray_session, tiny_back
     # stage 2 refuses a plain backbone, and --out holding a previous run
     assert main(["--stage", "contrastive", "--model", str(tiny_backbone), "--data", str(beir),
                  "--out", str(tmp_path / "bad")] + common) == 2
-    assert main(["--stage", "generative", "--model", str(tiny_backbone), "--data", str(corpus),
+    assert main(["--stage", "generative", "--model", str(tiny_backbone), "--data", f"file://{corpus}",
                  "--out", str(s1)] + common) == 2
     assert main(["--stage", "contrastive", "--model", str(s1 / "model"), "--data", str(beir),
                  "--out", str(tmp_path / "s2")] + common) == 0

@@ -144,40 +144,37 @@ def test_too_few_negatives_and_missing_input_fail_with_the_location(ray_session,
         check_source(open_source(few, _cfg("generative")), _cfg("generative"))
 
 
-def test_train_on_a_parquet_file_uri_streams_through_jobs_train(ray_session, tiny_backbone, tmp_path, monkeypatch):
-    """`python -m jobs.train --data file:///.../corpus.parquet`: the Ray path, records read by Ray Data tasks
-    (the driver process never opens the Parquet file), with a quarantine and a report."""
-    import builtins
+# `python -m jobs.train --data file:///.../corpus.parquet` on the Ray path (the driver never opens the file,
+# quarantine and report) is checked inside tests/test_distributed.py's both-stages run: one Ray Train
+# start-up instead of two (each costs ~45 s of the 15-minute suite).
 
-    import pyarrow.parquet
 
-    from jobs.train import main
+def test_prefetched_source_keeps_the_batch_order_and_reraises_errors():
+    """stream.prefetched starts epoch 0 early (the Ray worker's first batch overlaps model/engine start);
+    what the loop sees must be exactly the plain source's batches, and a failing read fails the run."""
+    import threading
 
-    data = _parquet_folder(tmp_path / "pq", DOCS, parts=1) / "part-0.parquet"
-    opened = []
-    real_pf = pyarrow.parquet.ParquetFile
-    real_open = builtins.open
+    from pipeline.train.stream import prefetched
 
-    def spy_pf(src, *a, **kw):
-        opened.append(str(src))
-        return real_pf(src, *a, **kw)
+    started = threading.Event()
+    calls = []
 
-    def spy_open(f, *a, **kw):
-        if str(f).endswith(".parquet"):
-            opened.append(str(f))
-        return real_open(f, *a, **kw)
+    def source(epoch):
+        calls.append(epoch)
+        started.set()
+        yield from ({"x": epoch * 10 + i} for i in range(3))
 
-    monkeypatch.setattr(pyarrow.parquet, "ParquetFile", spy_pf)       # the driver's own reads only
-    monkeypatch.setattr(builtins, "open", spy_open)
-    out = tmp_path / "run"
-    assert main(["--stage", "generative", "--model", str(tiny_backbone), "--data", f"file://{data}",
-                 "--out", str(out), "--workers", "1", "--zero", "2", "--steps", "2", "log_every=1",
-                 "batch_size=4", "model.num_bottleneck=2", "stage1.context_len=16", "stage1.target_len=8",
-                 "data.skip_bad_records=true"]) == 0
-    assert opened == []
-    rep = json.loads((out / "report.json").read_text())
-    assert rep["rows"] == len(DOCS) and rep["bad_records"]["bad_records"] == 1
-    assert json.loads((out / "quarantine.jsonl").read_text())["reason"] == "missing field: '_id'"
-    assert [r["step"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())] == [1, 2]
-    assert (out / "model" / "lbr_config.json").exists()
+    src = prefetched(source)
+    assert started.wait(5), "the first pass must start before the loop asks for it"
+    assert list(src(0)) == [{"x": 0}, {"x": 1}, {"x": 2}]
+    assert list(src(1)) == [{"x": 10}, {"x": 11}, {"x": 12}]
+    assert list(src(0)) == [{"x": 0}, {"x": 1}, {"x": 2}]          # a second pass of epoch 0 reads again
+    assert calls == [0, 1, 0]
 
+    def broken(epoch):
+        raise OSError("s3 read failed: part-3.parquet")
+        yield
+
+    with pytest.raises(OSError, match="part-3.parquet"):
+        list(prefetched(broken)(0))
+    assert list(prefetched(lambda e: iter(()))(0)) == []

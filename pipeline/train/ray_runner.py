@@ -49,7 +49,7 @@ def worker_fn(config: dict) -> None:
     import torch
 
     from pipeline.train.loop import train_loop
-    from pipeline.train.stream import shard_source
+    from pipeline.train.stream import prefetched, shard_source
 
     cfg = from_dict(TrainConfig, config["cfg"])
     ctx = ray.train.get_context()
@@ -61,6 +61,8 @@ def worker_fn(config: dict) -> None:
     if not use_cuda:                                     # torch threads = the CPUs this worker reserved
         torch.set_num_threads(max(1, round(cfg.cpus_per_worker)))
     torch.manual_seed(cfg.seed)
+    # the first batch is fetched while the model loads and the engine starts (see stream.prefetched)
+    source = prefetched(shard_source(ray.train.get_dataset_shard("train"), cfg.batch_size, seed=cfg.seed + rank))
     model = prepare_model(cfg, config["model_path"]).to(device)
     engine = make_engine(model, cfg, rank, world, use_cuda)
 
@@ -111,7 +113,6 @@ def worker_fn(config: dict) -> None:
             ray.train.report({"step": step, "checkpoint_step": step, **last_eval},
                              checkpoint=ray.train.Checkpoint.from_directory(d))
 
-    source = shard_source(ray.train.get_dataset_shard("train"), cfg.batch_size, seed=cfg.seed + rank)
     profiler = None
     if debug.get("profile"):                         # cProfile of the loop, per rank (bench/train_throughput.py)
         import cProfile
