@@ -433,9 +433,8 @@ def pair_row(obj: dict, f, n: int, q: Quarantine, query_field: str = "query", po
     if group_field is not None:
         g = obj.get(group_field)
         if not isinstance(g, str) or not g.strip():
-            q.bad(f, n, f"missing field: '{group_field}' (data.group_field) must be a non-empty string"
-                  if g is None else f"wrong type: field '{group_field}' (data.group_field) must be a non-empty string",
-                  obj)
+            kind = f"missing field: '{group_field}'" if g is None else f"wrong type: field '{group_field}'"
+            q.bad(f, n, f"{kind} (data.group_field) must be a non-empty string", obj)
             return None
         row["group"] = g
     return row

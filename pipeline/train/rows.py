@@ -4,6 +4,7 @@ pre-flight checks), their tokenisation, and the in-process batch source. The Ray
 from __future__ import annotations
 
 import random
+from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -43,9 +44,7 @@ def read_rows(cfg: TrainConfig, data_path: str | Path, quarantine: Path | None =
             raise ValueError(f"{data_path}: row {short[0]} has {len(rows[short[0]]['negatives'])} negatives but "
                              f"stage2.num_negatives={cfg.stage2.num_negatives} ({len(short)} rows too short)")
     if d.group_field is not None and cfg.stage == "contrastive":
-        sizes: dict[str, int] = {}
-        for r in rows:
-            sizes[r["group"]] = sizes.get(r["group"], 0) + 1
+        sizes = Counter(r["group"] for r in rows)
         small = {g: n for g, n in sorted(sizes.items()) if n < cfg.batch_size * cfg.workers}
         if small:
             raise ValueError(f"{data_path}: data.group_field={d.group_field!r}: groups {list(small)} have fewer rows "
@@ -100,4 +99,3 @@ def local_source(tokenizer, rows: list[dict], cfg: TrainConfig, rank: int = 0, w
             chunk = batch[rank * cfg.batch_size: (rank + 1) * cfg.batch_size]
             yield encode_rows(tokenizer, [rows[i] for i in chunk], cfg, fixed=False)
     return source
-

@@ -471,4 +471,3 @@ def prefetched(source, epoch: int = 0):
         yield box["first"]
         yield from box["it"]
     return wrapped
-
