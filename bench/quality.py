@@ -24,7 +24,8 @@ the paradigm difference LBR claims.
 Methods: bm25, minilm, base (untrained backbone: best of mean/last pooling over the --base-layers cuts,
 which one is recorded), llm_cl_last / llm_cl_mean (stage 2 only, last-token / mean pooling), lbr (full),
 and the ablations lbr_no_ib (beta=0 both stages), lbr_no_refine (lambda=0; shares lbr's stage 1),
-lbr_plain_lm (stage 1 = plain LM, then normal stage 2).
+lbr_plain_lm (stage 1 = plain LM, then normal stage 2), and cl_bottleneck (no stage 1: the fresh K-row
+bottleneck trained by stage 2 alone with lambda = beta = 0).
 
 Output: bench/results/quality-<backbone>.json written atomically after each (dataset, method), so a
 partial run is usable and a rerun resumes (done entries and finished training runs are skipped);
@@ -61,13 +62,14 @@ DATASETS = {
     "stdlib_code": None,                      # built at run time
 }
 METHODS = ("bm25", "minilm", "base", "llm_cl_last", "llm_cl_mean", "lbr", "lbr_no_ib", "lbr_no_refine",
-           "lbr_plain_lm")
-TRAINED = ("llm_cl_last", "llm_cl_mean", "lbr", "lbr_no_ib", "lbr_no_refine", "lbr_plain_lm")
+           "lbr_plain_lm", "cl_bottleneck")
+TRAINED = ("llm_cl_last", "llm_cl_mean", "lbr", "lbr_no_ib", "lbr_no_refine", "lbr_plain_lm", "cl_bottleneck")
 METRICS = ("ndcg@10", "recall@100", "mrr@10")
 BASE_VARIANTS = {"mean": "mean", "last": "last"}   # pooling of the untrained backbone, at each --base-layers cut
 
 # stage-1 run name -> overrides; stage-2 method -> (stage-1 run or None, overrides). The recipe itself
 # (bow compression, identity head, prompt rows, lrs) comes from the shared options in `train_cfg`.
+FRESH = "fresh"      # stage-2 start: an untrained LBR folder (the stage-1 model, before any step)
 STAGE1_RUNS = {
     "s1_ib": [],
     "s1_noib": ["stage1.beta=0"],
@@ -80,6 +82,9 @@ STAGE2_RUNS = {
     "lbr_no_refine": ("s1_ib", ["stage2.lam=0"]),
     "lbr_no_ib": ("s1_noib", ["stage2.beta=0"]),
     "lbr_plain_lm": ("s1_lm", []),
+    # no stage 1: the same K-row bottleneck, fresh (identity head, prompt rows), trained contrastively only —
+    # separates what stage 1 does from what the bottleneck readout does
+    "cl_bottleneck": (FRESH, ["stage2.lam=0", "stage2.beta=0"]),
 }
 
 
@@ -547,11 +552,26 @@ def main(argv=None) -> int:
 
     runs = work / "runs"
 
+    def fresh_model() -> Path:
+        """The model stage 1 would start from (same model options, seed), saved untrained; one folder per spec."""
+        from pipeline.config import to_dict
+        from pipeline.train.start_model import is_lbr_folder, prepare_model
+
+        cfg = train_cfg("generative", a, [], 1)
+        spec = json.dumps({"model": to_dict(cfg.model), "seed": a.seed, "backbone": str(bb)}, sort_keys=True)
+        folder = work / f"fresh_bottleneck-{hashlib.sha1(spec.encode()).hexdigest()[:10]}"
+        if not is_lbr_folder(folder):
+            torch.manual_seed(a.seed)
+            prepare_model(cfg, bb).save_pretrained(folder)
+        return folder
+
     def trained(method):
         s1, extra2 = STAGE2_RUNS[method]
         info = {}
         start = bb
-        if s1 is not None:
+        if s1 == FRESH:
+            start = fresh_model()
+        elif s1 is not None:
             r1 = ensure_run(s1, "generative", a, STAGE1_RUNS[s1], bb, p1, runs, a.steps1)
             info["stage1"] = run_stats(r1)
             start = r1 / "model"
@@ -563,8 +583,8 @@ def main(argv=None) -> int:
 
     makers = {"bm25": BM25Retriever, "minilm": lambda: minilm_encoder(a.eval_batch), "base": base_models}
     # order = priority: cheap baselines, then the head-to-head (LLM+CL vs LBR), then the ablations
-    order = [m for m in ("bm25", "minilm", "base", "lbr", "llm_cl_mean", "llm_cl_last", "lbr_no_refine", "lbr_no_ib",
-                         "lbr_plain_lm") if m in a.methods]
+    order = [m for m in ("bm25", "minilm", "base", "lbr", "llm_cl_mean", "llm_cl_last", "cl_bottleneck", "lbr_no_refine",
+                         "lbr_no_ib", "lbr_plain_lm") if m in a.methods]
     for method in order:
         evaluate_all(method, makers.get(method) or (lambda m=method: trained(m)))
 
