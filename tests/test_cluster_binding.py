@@ -28,6 +28,19 @@ def test_local_ray_listens_on_loopback_only(ray_session):
     assert ray.nodes()[0]["NodeManagerAddress"] == "127.0.0.1"
 
 
+def test_local_ray_workers_run_at_normal_priority(ray_session):
+    """Ray's default worker niceness (15) lets its own pollers preempt the trainer's threads (cluster.py)."""
+    import os
+
+    import ray
+
+    @ray.remote(num_cpus=0.1)
+    def niceness():
+        return os.getpriority(os.PRIO_PROCESS, 0)
+
+    assert ray.get(niceness.remote()) == 0
+
+
 def test_ensure_ray_uses_the_loopback_options(monkeypatch):
     import ray
 

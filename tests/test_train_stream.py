@@ -178,3 +178,29 @@ def test_prefetched_source_keeps_the_batch_order_and_reraises_errors():
     with pytest.raises(OSError, match="part-3.parquet"):
         list(prefetched(broken)(0))
     assert list(prefetched(lambda e: iter(()))(0)) == []
+
+
+def test_loop_logs_the_seconds_it_waited_for_input(tiny_backbone):
+    """`data_s` in every metrics record: the time the interval spent waiting on the input source, so an
+    input-bound run (a slow Ray Data pipeline) is told apart from a slow model."""
+    import time
+
+    from pipeline.train.engines import TorchEngine
+    from pipeline.train.loop import train_loop
+    from stages import LBRModel
+    from stages.objectives import stage2_arrays
+
+    model = LBRModel.from_backbone(tiny_backbone, num_bottleneck=2)
+    cfg = load_train_config(None, ["stage=contrastive", "steps=4", "batch_size=4", "log_every=2"])
+
+    def source(epoch):
+        for s in range(0, len(PAIRS) - 3, 4):
+            time.sleep(0.25 if s >= 8 else 0.0)           # the second logged interval is input-bound
+            r = PAIRS[s: s + 4]
+            yield stage2_arrays(model.tokenizer, [x["query"] for x in r], [x["positive"] for x in r], None,
+                                cfg.stage2, fixed=True)
+
+    recs = []
+    train_loop(model, TorchEngine(model, cfg.optim, cfg.steps, cfg.micro_steps()), source, cfg, log=recs.append)
+    assert [r["step"] for r in recs] == [2, 4]
+    assert recs[0]["data_s"] < 0.2 and 0.5 <= recs[1]["data_s"] < 1.0    # 2 batches x 0.25 s

@@ -51,7 +51,8 @@ def train_loop(model: LBRModel, engine, source: BatchSource, cfg: TrainConfig, *
 
     `model` is the unwrapped LBRModel; `engine(objective, ...)` runs the loss through the (possibly
     wrapped) module's forward, and owns backward/step.
-    `log(record)` gets {step, loss, <parts>, lr, tokens_per_s}; `checkpoint(step)` is called on every
+    `log(record)` gets {step, loss, <parts>, lr, tokens_per_s, data_s} (data_s: seconds of the interval spent
+    waiting for the input source, so an input-bound run shows itself); `checkpoint(step)` is called on every
     rank (DeepSpeed checkpoints are collective) every `cfg.checkpoint_every` steps and at the end.
     """
     model.train()
@@ -61,12 +62,14 @@ def train_loop(model: LBRModel, engine, source: BatchSource, cfg: TrainConfig, *
     for _ in range(start_step * accum):
         next(it)
     last: dict = {}
-    t0, tokens = time.perf_counter(), 0
+    t0, tokens, waited = time.perf_counter(), 0, 0.0
     for step in range(start_step + 1, cfg.steps + 1):
         sums: dict[str, float] = {}
         for micro in range(accum):
+            tw = time.perf_counter()
             _, batch = next(it)
             batch = {k: torch.as_tensor(v).to(device) for k, v in batch.items()}
+            waited += time.perf_counter() - tw
             g = torch.Generator(device=device).manual_seed(cfg.seed * 1_000_003 + step * 1009 + micro * 7 + rank)
             if cfg.grad_cache():
                 def backward_chunk(sur: torch.Tensor) -> None:
@@ -83,10 +86,11 @@ def train_loop(model: LBRModel, engine, source: BatchSource, cfg: TrainConfig, *
                 sums[k] = sums.get(k, 0.0) + v / accum
         if step % cfg.log_every == 0 or step == cfg.steps:
             dt = time.perf_counter() - t0
-            last = {"step": step, **sums, "lr": engine.get_lr(), "tokens_per_s": tokens / dt if dt > 0 else 0.0}
+            last = {"step": step, **sums, "lr": engine.get_lr(), "tokens_per_s": tokens / dt if dt > 0 else 0.0,
+                    "data_s": round(waited, 4)}
             if log is not None:
                 log(last)
-            t0, tokens = time.perf_counter(), 0
+            t0, tokens, waited = time.perf_counter(), 0, 0.0
         if checkpoint is not None and ((cfg.checkpoint_every and step % cfg.checkpoint_every == 0)
                                        or step == cfg.steps):
             checkpoint(step)
