@@ -328,7 +328,9 @@ def reap_orphan_train_pgs(suspects: set) -> set:
 # ---------------------------------------------------------------------- driver
 def prepare_search(cfg: TrainConfig, settings: TuneSettings, model: str, train: str, dev: list[str], out: Path,
                    stage1_data: str | None = None) -> dict:
-    """Validate everything before Ray starts and return the search context (saved as search.json)."""
+    """Validate everything before the first trial and return the search context (saved as search.json).
+
+    Records are checked by Ray Data tasks (`check_rows`), so this starts the local Ray when none is running."""
     from pipeline.train.start_model import is_lbr_folder
 
     if not Path(model).exists():
@@ -380,16 +382,29 @@ def prepare_search(cfg: TrainConfig, settings: TuneSettings, model: str, train: 
     trial_config(ctx, probe, "contrastive")
     if mode == "backbone":
         trial_config(ctx, probe, "generative")
-    # the same rows/model checks a training run does, once, before Ray
-    from pipeline.train.rows import read_rows
+    # the same rows/model checks a training run does, once, before any trial: the model first (no Ray needed),
+    # then every record through the Ray Data check pass — streamed, so the driver never holds the corpus
     from pipeline.train.start_model import prepare_model
 
-    read_rows(trial_config(ctx, probe, "contrastive"), train)
-    if mode == "backbone":
-        read_rows(trial_config(ctx, probe, "generative"), stage1_data)
-    else:
+    if mode != "backbone":
         prepare_model(trial_config(ctx, probe, "contrastive"), model)
+    check_rows(trial_config(ctx, probe, "contrastive"), train)
+    if mode == "backbone":
+        check_rows(trial_config(ctx, probe, "generative"), stage1_data)
     return ctx
+
+
+def check_rows(cfg: TrainConfig, path: str) -> None:
+    """Validate `path` as `cfg`'s training input with the streaming check pass every Ray run makes (first bad
+    record fails with its location unless data.skip_bad_records); its temporary quarantine is dropped."""
+    from pipeline.cluster import ensure_ray
+    from pipeline.train.stream import check_source, open_source
+
+    src = open_source(path, cfg)
+    ensure_ray()
+    checked = check_source(src, cfg)
+    if checked.quarantine is not None:
+        checked.quarantine.unlink(missing_ok=True)
 
 
 def max_t(ctx: dict) -> int:

@@ -110,7 +110,7 @@ def test_run_folder_is_accepted_wherever_a_model_folder_is(files, stage1_run, tm
                                 "--max-without-negatives", "1"]) in (0, 3)
 
 
-def test_tune_defaults_stage1_text_to_the_training_corpus(files, tiny_backbone, monkeypatch, capsys):
+def test_tune_defaults_stage1_text_to_the_training_corpus(ray_session, files, tiny_backbone, monkeypatch, capsys):
     import pipeline.tune as lt
     from jobs import tune
 
@@ -127,6 +127,19 @@ def test_tune_defaults_stage1_text_to_the_training_corpus(files, tiny_backbone, 
     err = capsys.readouterr().err
     assert rc == 2 and "stopped before Ray" in err, err
     assert "stage 1 trains on" in err and seen["stage1_data"] == str((files["beir"] / "corpus.jsonl").resolve())
+
+    # every record is checked before the first trial (Ray Data's check pass, the driver holds no rows): a bad
+    # line in the corpus fails the search with its file and line
+    bad = files["tmp"] / "beir_bad"
+    shutil.copytree(files["beir"], bad)
+    lines = (bad / "corpus.jsonl").read_text().splitlines()
+    (bad / "corpus.jsonl").write_text("\n".join(lines[:3] + ['{"_id": "x", "text": 7}'] + lines[3:]) + "\n")
+    seen.clear()
+    rc = tune.main(["--model", str(tiny_backbone), "--train", str(bad), "--dev", str(files["beir"]),
+                    "--out", str(files["tmp"] / "tune_bad"), "--trials", "1", "--steps", "2", "batch_size=4",
+                    "stage2.num_negatives=0", "tune.stage1_steps=2", "log_every=1", "tune.eval_every=1"])
+    err = capsys.readouterr().err
+    assert rc == 2 and f"{bad / 'corpus.jsonl'}:4:" in err and not seen, err
 
 
 def test_fingerprint_covers_the_tokenizer(files, stage1_run, tmp_path, capsys):
