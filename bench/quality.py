@@ -23,7 +23,8 @@ the paradigm difference LBR claims.
 
 Methods: bm25, minilm, base (untrained backbone: best of mean/last pooling over the --base-layers cuts,
 which one is recorded), llm_cl_last / llm_cl_mean (stage 2 only, last-token / mean pooling), lbr (full),
-and the ablations lbr_no_ib (beta=0 both stages), lbr_no_refine (lambda=0; shares lbr's stage 1),
+lbr_joint (lbr's stage 1; stage 2 and inference read the joint readout, W_mu of the mean over text and
+bottleneck rows), and the ablations lbr_no_ib (beta=0 both stages), lbr_no_refine (lambda=0; shares lbr's stage 1),
 lbr_plain_lm (stage 1 = plain LM, then normal stage 2), and cl_bottleneck (no stage 1: the fresh K-row
 bottleneck trained by stage 2 alone with lambda = beta = 0).
 
@@ -61,9 +62,12 @@ DATASETS = {
     "cosqa": DATA / "code/cosqa_dev",
     "stdlib_code": None,                      # built at run time
 }
-METHODS = ("bm25", "minilm", "base", "llm_cl_last", "llm_cl_mean", "lbr", "lbr_no_ib", "lbr_no_refine",
+METHODS = ("bm25", "minilm", "base", "llm_cl_last", "llm_cl_mean", "lbr", "lbr_joint", "lbr_no_ib", "lbr_no_refine",
            "lbr_plain_lm", "cl_bottleneck")
-TRAINED = ("llm_cl_last", "llm_cl_mean", "lbr", "lbr_no_ib", "lbr_no_refine", "lbr_plain_lm", "cl_bottleneck")
+TRAINED = ("llm_cl_last", "llm_cl_mean", "lbr", "lbr_joint", "lbr_no_ib", "lbr_no_refine", "lbr_plain_lm",
+           "cl_bottleneck")
+# training options added after results files were written, with the value those files were made with
+BUDGET_ADDED = {"chem_pairs": "chebi"}
 METRICS = ("ndcg@10", "recall@100", "mrr@10")
 BASE_VARIANTS = {"mean": "mean", "last": "last"}   # pooling of the untrained backbone, at each --base-layers cut
 
@@ -79,6 +83,8 @@ STAGE2_RUNS = {
     "llm_cl_last": (None, ["baseline=llm_cl", "model.pooling=last"]),
     "llm_cl_mean": (None, ["baseline=llm_cl", "model.pooling=mean"]),
     "lbr": ("s1_ib", []),
+    # the same stage 1, stage 2 reads W_mu(mean over text and bottleneck rows) instead of mean_k mu_k
+    "lbr_joint": ("s1_ib", ["stage2.readout=joint"]),
     "lbr_no_refine": ("s1_ib", ["stage2.lam=0"]),
     "lbr_no_ib": ("s1_noib", ["stage2.beta=0"]),
     "lbr_plain_lm": ("s1_lm", []),
@@ -150,11 +156,15 @@ def chebi_halves():
     return train, BeirView(corpus=corpus, queries=queries, qrels=qrels)
 
 
-def build_training_data(work: Path, per_domain_s1: int, per_domain_s2: int, seed: int, corpora: dict | None = None):
+def build_training_data(work: Path, per_domain_s1: int, per_domain_s2: int, seed: int, corpora: dict | None = None,
+                        chem_pairs: str = "chebi"):
     """Mixed multi-domain stage-1 text and stage-2 pairs (balanced, seeded); returns paths + counts.
 
     `corpora` ({name: BEIR view}): each dev set's corpus documents (never queries or qrels) are added to
-    the stage-1 text, up to per_domain_s1 each."""
+    the stage-1 text, up to per_domain_s1 each. `chem_pairs`: the chemistry stage-2 pairs — ChEBI
+    (description, SMILES), inverse-cloze pairs from the chemistry full-text passages (no titles, no
+    document identity: pipeline.pseudo_pairs), or both."""
+    from pipeline.pseudo_pairs import ict_pairs
     from pipeline.stdlib_code import build_stdlib_code
 
     stdlib_dir = work / "stdlib_code"
@@ -183,8 +193,11 @@ def build_training_data(work: Path, per_domain_s1: int, per_domain_s2: int, seed
     s2 = {   # "domain": the group of --group-batches (data.group_field); ignored without it
         "medquad_qa": [{"query": r["question"], "positive": r["answer"], "domain": "medical"}
                        for r in sample(med, per_domain_s2)],
-        "chebi_desc_smiles": [{"query": desc, "positive": smi, "domain": "chemistry"}
-                              for _, desc, smi in sample(chebi_train, per_domain_s2)],
+        "chebi_desc_smiles": ([{"query": desc, "positive": smi, "domain": "chemistry"}
+                               for _, desc, smi in sample(chebi_train, per_domain_s2)]
+                              if chem_pairs in ("chebi", "both") else []),
+        "chemrxiv_passages_ict": (ict_pairs([r["text"] for r in chem], per_domain_s2, seed, domain="chemistry")
+                                  if chem_pairs in ("ict", "both") else []),
         "stdlib_doc_code": [{"query": r["query"], "positive": r["positive"], "domain": "code"}
                             for r in sample(std_pairs, per_domain_s2)],
     }
@@ -234,6 +247,9 @@ class Results:
             keys = ("train", "eval") if self._has_trained() else ("eval",)
             old = {k: v for k, v in self.data.get("budget", {}).items() if k in keys}
             new = {k: v for k, v in budget.items() if k in keys}
+            if "train" in old and "train" in new:   # options added since: their default is what the file used
+                new["train"] = {k: v for k, v in new["train"].items()
+                                if k in old["train"] or BUDGET_ADDED.get(k, object()) != v}
             if old and old != new:
                 raise ValueError(f"{path}: budget differs from the one these results were made with; "
                                  "use another --out or delete it\nold={old}\nnew={new}")
@@ -375,6 +391,43 @@ def run_stats(run: Path) -> dict:
             "model": str(run / "model"), "final": rep.get("final")}
 
 
+def same_config(saved: dict | None, cfg) -> bool:
+    """`saved` (a run's report config) trained what `cfg` asks for. Keys added to the config since that run
+    count as equal when `cfg` leaves them at their defaults (the run could only have used the default)."""
+    from pipeline.config import TrainConfig
+
+    def same(old, new, default) -> bool:
+        if isinstance(new, dict) and isinstance(old, dict):
+            return all(same(old[k], v, (default or {}).get(k)) if k in old else v == (default or {}).get(k)
+                       for k, v in new.items()) and set(old) <= set(new)
+        return old == new
+
+    if saved is None:
+        return False
+    return same(saved, json.loads(json.dumps(cfg.to_dict())), json.loads(json.dumps(TrainConfig().to_dict())))
+
+
+def infonce_by_domain(run: Path, pairs: Path) -> dict:
+    """{domain: {steps, mean, last5}} of the logged stage-2 InfoNCE, each logged step put in the domain of
+    its batch (batches are same-domain with --group-batches; the in-process order is replayed exactly)."""
+    from pipeline.config import TrainConfig, from_dict
+    from pipeline.train.rows import epoch_batches
+    from pipeline.train.run_folder import read_metrics
+
+    cfg = from_dict(TrainConfig, json.loads((run / "report.json").read_text())["config"])
+    if not cfg.data.group_field:
+        return {}
+    rows = [{"group": r.get(cfg.data.group_field)} for r in read_jsonl(pairs)]
+    order, epoch, by = [], 0, {}
+    for rec in read_metrics(run / "metrics.jsonl"):
+        while len(order) < rec["step"]:
+            order += epoch_batches(rows, cfg, epoch)
+            epoch += 1
+        by.setdefault(rows[order[rec["step"] - 1][0]]["group"], []).append(rec["cl"])
+    return {d: {"steps": len(v), "mean": round(sum(v) / len(v), 3), "last5": [round(x, 3) for x in v[-5:]]}
+            for d, v in sorted(by.items())}
+
+
 def ensure_run(name: str, stage: str, a, extra, model_in: Path, data: Path, runs: Path, steps: int) -> Path:
     from pipeline.train.inprocess import run_inprocess
 
@@ -382,7 +435,7 @@ def ensure_run(name: str, stage: str, a, extra, model_in: Path, data: Path, runs
     cfg = train_cfg(stage, a, extra, steps)
     if (out / "report.json").exists() and (out / "model").exists():
         # reuse only a run made with this exact config: a folder left by another recipe is retrained
-        if json.loads((out / "report.json").read_text()).get("config") == json.loads(json.dumps(cfg.to_dict())):
+        if same_config(json.loads((out / "report.json").read_text()).get("config"), cfg):
             log(f"train {name}: done earlier with the same config, reusing {out}")
             return out
         log(f"train {name}: {out} was trained with another config; retraining")
@@ -431,6 +484,9 @@ def main(argv=None) -> int:
     p.add_argument("--group-batches", action=argparse.BooleanOptionalAction, default=True,
                    help="stage-2 batches from one domain each (data.group_field): same-domain in-batch negatives")
     p.add_argument("--per-domain-s2", type=int, default=600)
+    p.add_argument("--chem-pairs", choices=("chebi", "ict", "both"), default="chebi",
+                   help="chemistry stage-2 pairs: ChEBI description->SMILES, inverse-cloze pairs from the chemistry "
+                        "full-text passages (unlabelled text; pipeline.pseudo_pairs), or both")
     p.add_argument("--stage1-corpora", action=argparse.BooleanOptionalAction, default=True,
                    help="add each dev set's unlabelled corpus text to the stage-1 text")
     p.add_argument("--train-override", nargs="*", default=[], help="extra key=value for every training run")
@@ -474,7 +530,7 @@ def main(argv=None) -> int:
     extra_sets = {f"{d.parent.name}/{d.name}" if d.name in ("dev", "test") else d.name: load_beir(d) for d in a.eval}
     log("building training data")
     p1, p2, _, counts = build_training_data(work, a.per_domain_s1, a.per_domain_s2, a.seed,
-                                            corpora=all_sets if a.stage1_corpora else None)
+                                            corpora=all_sets if a.stage1_corpora else None, chem_pairs=a.chem_pairs)
 
     if tiny:
         from stages.tiny import build_tiny_backbone
@@ -498,7 +554,8 @@ def main(argv=None) -> int:
                   "comp": a.comp, "beta": a.beta, "lam": a.lam, "tau": a.tau,
                   "stage1_context_len": a.context_len, "target_len": a.target_len, "query_len": a.query_len,
                   "doc_len": a.doc_len, "per_domain_stage1": a.per_domain_s1, "per_domain_stage2": a.per_domain_s2,
-                  "group_batches": a.group_batches, "stage1_corpora": a.stage1_corpora, "train_override": a.train_override, "seed": a.seed,
+                  "group_batches": a.group_batches, "stage1_corpora": a.stage1_corpora,
+                  "chem_pairs": a.chem_pairs, "train_override": a.train_override, "seed": a.seed,
                   "engine": "torch (in-process, CPU)"},
         "eval": {"max_queries": a.max_queries, "max_corpus": a.max_corpus, "seed": a.seed,
                  "subsampling": ("none (full corpora)" if a.full else
@@ -577,13 +634,14 @@ def main(argv=None) -> int:
             start = r1 / "model"
         r2 = ensure_run(f"s2_{method}", "contrastive", a, extra2, start, p2, runs, a.steps2)
         info["stage2"] = run_stats(r2)
+        info["stage2"]["infonce_by_domain"] = infonce_by_domain(r2, p2)
         results.data.setdefault("training", {})[method] = info
         results.save()
         return LBRModel.from_pretrained(r2 / "model")
 
     makers = {"bm25": BM25Retriever, "minilm": lambda: minilm_encoder(a.eval_batch), "base": base_models}
     # order = priority: cheap baselines, then the head-to-head (LLM+CL vs LBR), then the ablations
-    order = [m for m in ("bm25", "minilm", "base", "lbr", "llm_cl_mean", "llm_cl_last", "cl_bottleneck", "lbr_no_refine",
+    order = [m for m in ("bm25", "minilm", "base", "lbr", "lbr_joint", "llm_cl_mean", "llm_cl_last", "cl_bottleneck", "lbr_no_refine",
                          "lbr_no_ib", "lbr_plain_lm") if m in a.methods]
     for method in order:
         evaluate_all(method, makers.get(method) or (lambda m=method: trained(m)))

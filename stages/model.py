@@ -29,6 +29,10 @@ from stages.backbone import load_backbone
 from stages.io import atomic_dir
 
 POOLINGS = ("bottleneck", "last", "mean")
+# what the embedding reads with bottleneck pooling: "bottleneck" = normalize(mean_k mu_k) (the compressed
+# representation alone); "joint" = normalize(W_mu mean(h over text AND bottleneck positions) + b), i.e. the
+# K mu_k pooled together with the text states mapped through the same head (why: measured, README)
+READOUTS = ("bottleneck", "joint")
 HEAD_INITS = ("identity", "random")
 BOTTLENECK_INITS = ("prompt", "random")
 ALL_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -56,6 +60,7 @@ class LBRConfig:
     head_init: str = "identity"            # identity: mu = h_b at step 0 (not collapsed); random: old start
     bottleneck_init: str = "prompt"        # prompt: rows = embeddings of bottleneck_prompt's tokens; random
     bottleneck_prompt: str = DEFAULT_BOTTLENECK_PROMPT
+    readout: str = "bottleneck"            # bottleneck | joint (see READOUTS)
     backbone: str = ""                     # where the backbone came from (provenance only)
     backbone_config: dict = field(default_factory=dict)
 
@@ -72,6 +77,10 @@ class LBRConfig:
             raise ValueError(f"lora_r={self.lora_r} must be >= 0")
         if self.head_init not in HEAD_INITS:
             raise ValueError(f"head_init={self.head_init!r} must be one of {HEAD_INITS}")
+        if self.readout not in READOUTS:
+            raise ValueError(f"readout={self.readout!r} must be one of {READOUTS}")
+        if self.readout != "bottleneck" and self.pooling != "bottleneck":
+            raise ValueError(f"readout={self.readout!r} needs bottleneck pooling (got pooling={self.pooling!r})")
         if self.bottleneck_init not in BOTTLENECK_INITS:
             raise ValueError(f"bottleneck_init={self.bottleneck_init!r} must be one of {BOTTLENECK_INITS}")
 
@@ -134,7 +143,7 @@ class LBRModel(nn.Module):
                       lora_alpha: int = 32, lora_dropout: float = 0.0,
                       lora_targets: Sequence[str] = ALL_LINEAR, num_layers: int | None = None,
                       gguf_file: str | None = None, head_init: str = "identity", bottleneck_init: str = "prompt",
-                      bottleneck_prompt: str = DEFAULT_BOTTLENECK_PROMPT) -> LBRModel:
+                      bottleneck_prompt: str = DEFAULT_BOTTLENECK_PROMPT, readout: str = "bottleneck") -> LBRModel:
         """Wrap a local causal-LM backbone (folder or .gguf) as a fresh, untrained LBR model."""
         lm, tok = load_backbone(path, gguf_file=gguf_file, num_layers=num_layers)
         if pooling != "bottleneck" and num_bottleneck == 8:
@@ -142,7 +151,8 @@ class LBRModel(nn.Module):
         cfg = LBRConfig(num_bottleneck=num_bottleneck, pooling=pooling, latent_dim=latent_dim,
                         max_length=max_length, lora_r=lora_r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
                         lora_targets=tuple(lora_targets), num_layers=num_layers, head_init=head_init,
-                        bottleneck_init=bottleneck_init, bottleneck_prompt=bottleneck_prompt, backbone=str(path),
+                        bottleneck_init=bottleneck_init, bottleneck_prompt=bottleneck_prompt, readout=readout,
+                        backbone=str(path),
                         backbone_config=lm.config.to_dict())
         tok = _prepare_tokenizer(tok)
         return cls(_maybe_lora(lm, cfg), tok, cfg)
@@ -273,6 +283,9 @@ class LBRModel(nn.Module):
                 out.z = out.mu + torch.exp(0.5 * out.logvar) * eps
             else:
                 out.z = out.mu
+            if self.config.readout == "joint":
+                m = mask.to(hidden.dtype).unsqueeze(-1)          # text and bottleneck rows, no padding
+                out.pooled = self.w_mu((hidden * m).sum(1) / m.sum(1))
         elif self.config.pooling == "last":
             out.pooled = hidden[torch.arange(b, device=hidden.device), lengths - 1]
         else:
@@ -281,8 +294,8 @@ class LBRModel(nn.Module):
         return out
 
     def embed_from_encoded(self, enc: Encoded) -> torch.Tensor:
-        """THE embedding: normalize(mean_k mu_k) — or the baseline pooling. Used everywhere."""
-        v = enc.mu.mean(1) if self.num_bottleneck > 0 else enc.pooled
+        """THE embedding: normalize(mean_k mu_k), the joint readout, or the baseline pooling. Used everywhere."""
+        v = enc.mu.mean(1) if self.num_bottleneck > 0 and self.config.readout == "bottleneck" else enc.pooled
         return F.normalize(v.float(), dim=-1)
 
     # ------------------------------------------------------------------ decode pass

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from stages.losses import bow_loss, comp_loss, info_nce, rate_loss, token_nll
-from stages.model import LBRModel, pad_id
+from stages.model import READOUTS, LBRModel, pad_id
 
 TASKS = ("continue", "reconstruct", "mixed")
 COMPS = ("decode", "bow")
@@ -71,8 +71,11 @@ class Stage2Config:
     num_negatives: int = 0          # hard negatives per query taken from the data (0: in-batch only)
     refine: str = "decode"          # decode | bow: the form of L_comp on the positives (as stage1.comp)
     chunk_size: int = 0             # GradCache: embed in chunks of this many rows (0: plain, one pass)
+    readout: str | None = None      # None: the stage-1 model's; bottleneck | joint (stages.model.READOUTS)
 
     def __post_init__(self):
+        if self.readout is not None and self.readout not in READOUTS:
+            raise ValueError(f"stage2.readout={self.readout!r} must be one of {READOUTS} or unset")
         if self.tau <= 0:
             raise ValueError(f"stage2.tau={self.tau} must be > 0")
         if self.refine not in COMPS:

@@ -14,6 +14,9 @@ stock modules, exactly and for any K:
 * mean_k (W_mu h_k + b) = W_mu (mean_k h_k) + b, so one `Dense` with identity activation is mu's mean;
 * `Normalize`.
 
+The joint readout (W_mu applied to the mean over text *and* bottleneck rows) is the same without
+`WordWeights`.
+
 Baseline poolings (K = 0): `Pooling(lasttoken)` / `Pooling(mean)`, then `Normalize`.
 
 The one difference: an empty text. `LBRModel.tokenize` feeds one EOS token for it; the export feeds
@@ -105,7 +108,10 @@ def export_sentence_transformers(model: LBRModel | str | Path, out: str | Path, 
             vocab = [f"<|lbr_row_{i}|>" for i in range(n_rows)]
             for name, i in zip(names, ids):
                 vocab[i] = name
-            modules.append(WordWeights(vocab=vocab, word_weights=dict.fromkeys(names, 1.0), unknown_word_weight=0.0))
+            if lbr.config.readout == "bottleneck":
+                modules.append(WordWeights(vocab=vocab, word_weights=dict.fromkeys(names, 1.0),
+                                           unknown_word_weight=0.0))
+            # joint readout: the plain mean over text and bottleneck rows, then the same Dense
             modules.append(Pooling(d, pooling_mode="mean"))
             dense = Dense(d, lbr.w_mu.out_features, bias=True, activation_function=torch.nn.Identity())
             with torch.no_grad():
@@ -120,6 +126,7 @@ def export_sentence_transformers(model: LBRModel | str | Path, out: str | Path, 
             st.save(str(dst))
             (dst / EXPORT_MARKER).write_text(json.dumps(
                 {"format": "lbr-st-export/1", "num_bottleneck": k, "pooling": lbr.config.pooling,
+                 "readout": lbr.config.readout,
                  "bottleneck_tokens": [BOTTLENECK_TOKEN.format(i) for i in range(k)]}, indent=2) + "\n")
             if check:
                 _check_export(dst, want)

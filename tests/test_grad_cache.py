@@ -29,16 +29,20 @@ CASES = [
     ("bottleneck", Stage2Config(tau=0.1, lam=0.5, beta=0.1, num_negatives=1, chunk_size=3, refine="decode",
                                 target_len=8)),
     ("bottleneck", Stage2Config(tau=0.05, lam=0.3, beta=0.0, num_negatives=0, chunk_size=2, refine="bow")),
+    ("joint", Stage2Config(tau=0.05, lam=0.3, beta=0.1, num_negatives=1, chunk_size=3, refine="bow")),
     ("last", Stage2Config(tau=0.05, lam=0.0, beta=0.0, num_negatives=1, chunk_size=2)),
     ("mean", Stage2Config(tau=0.05, lam=0.0, beta=0.0, num_negatives=0, chunk_size=4)),
 ]
 
 
-@pytest.mark.parametrize("pooling,cfg", CASES, ids=["lbr-decode-negs", "lbr-bow", "llmcl-last-negs", "llmcl-mean"])
+@pytest.mark.parametrize("pooling,cfg", CASES, ids=["lbr-decode-negs", "lbr-bow", "lbr-joint-readout-negs", "llmcl-last-negs",
+                                                      "llmcl-mean"])
 def test_grad_cache_equals_plain_large_batch(tiny_backbone, pooling, cfg):
     torch.manual_seed(0)
-    k = 3 if pooling == "bottleneck" else 0
-    model = LBRModel.from_backbone(tiny_backbone, num_bottleneck=k, pooling=pooling, lora_r=4)
+    k = 3 if pooling in ("bottleneck", "joint") else 0
+    readout = {"readout": "joint"} if pooling == "joint" else {}
+    pooling = "bottleneck" if pooling == "joint" else pooling
+    model = LBRModel.from_backbone(tiny_backbone, num_bottleneck=k, pooling=pooling, lora_r=4, **readout)
     model.train()
     batch = _batch(model, cfg)
 

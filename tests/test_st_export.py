@@ -12,8 +12,9 @@ TEXTS = ["aspirin and stroke risk", "def f(x):\n    return x * 2", "the <|lbr_bo
 
 
 @pytest.mark.parametrize("kw", [{"num_bottleneck": 1}, {"num_bottleneck": 3, "lora_r": 4, "latent_dim": 16},
+                                {"num_bottleneck": 2, "latent_dim": 16, "readout": "joint"},
                                 {"num_bottleneck": 0, "pooling": "last"}, {"num_bottleneck": 0, "pooling": "mean"}],
-                         ids=["K1", "K3-lora-latent", "last", "mean"])
+                         ids=["K1", "K3-lora-latent", "K2-joint", "last", "mean"])
 def test_export_loads_without_remote_code_and_matches(tiny_backbone, tmp_path, kw):
     from sentence_transformers import SentenceTransformer
 

@@ -89,13 +89,17 @@ def batch_order(rows: list[dict], per: int, seed: int) -> list[list[int]]:
     return batches
 
 
+def epoch_batches(rows: list[dict], cfg: TrainConfig, epoch: int, world: int = 1) -> list[list[int]]:
+    """The global batches (row indices, all ranks) of one in-process epoch: what `local_source` trains on,
+    replayable afterwards (bench.quality reads each logged step's domain from it)."""
+    return batch_order(rows, cfg.batch_size * world, cfg.seed * 7919 + epoch)
+
+
 def local_source(tokenizer, rows: list[dict], cfg: TrainConfig, rank: int = 0, world: int = 1):
     """Per-epoch batches for in-process training: seeded shuffle (within groups, with data.group_field),
     this rank's slice, full batches only."""
-    per = cfg.batch_size * world
-
     def source(epoch: int) -> Iterator[dict]:
-        for batch in batch_order(rows, per, cfg.seed * 7919 + epoch):
+        for batch in epoch_batches(rows, cfg, epoch, world):
             chunk = batch[rank * cfg.batch_size: (rank + 1) * cfg.batch_size]
             yield encode_rows(tokenizer, [rows[i] for i in chunk], cfg, fixed=False)
     return source

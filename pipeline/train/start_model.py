@@ -2,6 +2,7 @@
 LLM+CL baseline, a stage-1 folder for LBR stage 2."""
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 from pipeline.config import TrainConfig
@@ -31,7 +32,11 @@ def prepare_model(cfg: TrainConfig, model_path: str | Path) -> LBRModel:
         if not is_lbr_folder(model_path):
             raise ValueError(f"stage 2 (contrastive) needs a stage-1 output folder as --model; {model_path} is a "
                              "plain backbone. Run stage 1 first, or pass --baseline llm_cl for the LLM+CL baseline.")
-        return LBRModel.from_pretrained(model_path)
+        model = LBRModel.from_pretrained(model_path)
+        if cfg.stage2.readout and cfg.stage2.readout != model.config.readout:
+            # the readout is part of the saved config: stage 2's choice travels with the model it writes
+            model.config = dataclasses.replace(model.config, readout=cfg.stage2.readout)
+        return model
     if is_lbr_folder(model_path):
         return LBRModel.from_pretrained(model_path)          # continue stage 1 from an earlier run
     m = cfg.model
@@ -39,4 +44,4 @@ def prepare_model(cfg: TrainConfig, model_path: str | Path) -> LBRModel:
                                   latent_dim=m.latent_dim, max_length=m.max_length, lora_r=m.lora_r,
                                   lora_alpha=m.lora_alpha, lora_targets=m.lora_targets, num_layers=m.num_layers,
                                   head_init=m.head_init, bottleneck_init=m.bottleneck_init,
-                                  bottleneck_prompt=m.bottleneck_prompt)
+                                  bottleneck_prompt=m.bottleneck_prompt, readout=m.readout)
