@@ -193,14 +193,17 @@ def build_training_data(work: Path, per_domain_s1: int, per_domain_s2: int, seed
     s2 = {   # "domain": the group of --group-batches (data.group_field); ignored without it
         "medquad_qa": [{"query": r["question"], "positive": r["answer"], "domain": "medical"}
                        for r in sample(med, per_domain_s2)],
-        "chebi_desc_smiles": ([{"query": desc, "positive": smi, "domain": "chemistry"}
-                               for _, desc, smi in sample(chebi_train, per_domain_s2)]
-                              if chem_pairs in ("chebi", "both") else []),
+        # sampled whatever chem_pairs is: the shared rng then draws the same code pairs and the same
+        # shuffles, so only the chemistry pairs differ between --chem-pairs settings
+        "chebi_desc_smiles": [{"query": desc, "positive": smi, "domain": "chemistry"}
+                              for _, desc, smi in sample(chebi_train, per_domain_s2)],
         "chemrxiv_passages_ict": (ict_pairs([r["text"] for r in chem], per_domain_s2, seed, domain="chemistry")
                                   if chem_pairs in ("ict", "both") else []),
         "stdlib_doc_code": [{"query": r["query"], "positive": r["positive"], "domain": "code"}
                             for r in sample(std_pairs, per_domain_s2)],
     }
+    if chem_pairs == "ict":
+        s2["chebi_desc_smiles"] = []
     for name, view in sorted((corpora or {}).items()):
         docs = sorted(view.corpus.items())
         s1[f"{name}_corpus"] = [{"_id": f"{name}:{k}", "text": (d.get("title", "") + "\n" + d["text"]).strip()}
