@@ -1,8 +1,10 @@
 """The LBR model: a causal LM with K learned bottleneck tokens and a variational head.
 
 Encode: `[x_1..x_n][b_1..b_K]` through the LM with its ordinary causal mask; the bottleneck states
-go through `mu = W_mu h`, `logvar = W_s h`. The embedding of a text is `normalize(mean_k mu_k)` and
-is computed by `embed_from_encoded` alone, in training and at inference.
+go through `mu = W_mu h`, `logvar = W_s h`. The embedding of a text is computed by `embed_from_encoded`
+alone, in training and at inference: `normalize(mean_k mu_k)` with the bottleneck readout (the first
+reading of the paper, the library default), or with the joint readout `normalize(W_mu mean(h) + b)` over
+the text *and* bottleneck rows, which transferred better in every dev set measured (README, bench.quality).
 
 Layout choice (why): each row is `tokens, bottleneck, padding` — padding always comes *after* the
 bottleneck, so under the causal mask the bottleneck states cannot see pads and their positions do

@@ -42,3 +42,6 @@ def test_pipeline_job_writes_report_with_lbr_and_baselines(ray_session, tmp_path
     s2 = json.loads((tmp_path / "run" / "stage2" / "report.json").read_text())
     assert s2["model_in"].endswith("stage2_warmup/model") and s2["config"]["stage2"]["num_negatives"] == 1
     assert (tmp_path / "run" / "index" / "stdlib_code" / "manifest.json").exists()
+    # the config's joint readout reached the model that was indexed and evaluated
+    cfg = json.loads((tmp_path / "run" / "stage2" / "model" / "lbr_config.json").read_text())
+    assert s2["config"]["stage2"]["readout"] == "joint" and cfg["readout"] == "joint"
