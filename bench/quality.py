@@ -71,6 +71,7 @@ TRAINED = ("llm_cl_last", "llm_cl_mean", "lbr", "lbr_no_ib", "lbr_no_refine", "l
 FIXED_READOUT = {"lbr_bottleneck_readout": "bottleneck"}
 # training options added after results files were written, with the value those files were made with
 BUDGET_ADDED = {"chem_pairs": "chebi", "readout": "bottleneck"}
+DATA_STAMP = "bench_data.sha1"      # sha1 of the training file a bench run folder was trained on
 METRICS = ("ndcg@10", "recall@100", "mrr@10")
 BASE_VARIANTS = {"mean": "mean", "last": "last"}   # pooling of the untrained backbone, at each --base-layers cut
 
@@ -86,7 +87,7 @@ STAGE2_RUNS = {
     "llm_cl_last": (None, ["baseline=llm_cl", "model.pooling=last"]),
     "llm_cl_mean": (None, ["baseline=llm_cl", "model.pooling=mean"]),
     "lbr": ("s1_ib", []),
-    # the same stage 1 and stage 2, read by the old readout normalize(mean_k mu_k) whatever --readout says
+    # lbr with the old readout normalize(mean_k mu_k) whatever --readout says (stage 2 trains through it too)
     "lbr_bottleneck_readout": ("s1_ib", []),
     "lbr_no_refine": ("s1_ib", ["stage2.lam=0"]),
     "lbr_no_ib": ("s1_noib", ["stage2.beta=0"]),
@@ -410,7 +411,11 @@ def same_config(saved: dict | None, cfg) -> bool:
 
     if saved is None:
         return False
-    return same(saved, json.loads(json.dumps(cfg.to_dict())), json.loads(json.dumps(TrainConfig().to_dict())))
+    saved, new = json.loads(json.dumps(saved)), json.loads(json.dumps(cfg.to_dict()))
+    for c in (saved, new):   # stage2.readout unset = the start folder's = model.readout (the same options build it)
+        if c.get("stage2", {}).get("readout") is None and "stage2" in c:
+            c["stage2"]["readout"] = c.get("model", {}).get("readout", "bottleneck")
+    return same(saved, new, json.loads(json.dumps(TrainConfig().to_dict())))
 
 
 def infonce_by_domain(run: Path, pairs: Path) -> dict:
@@ -421,8 +426,8 @@ def infonce_by_domain(run: Path, pairs: Path) -> dict:
     from pipeline.train.run_folder import read_metrics
 
     cfg = from_dict(TrainConfig, json.loads((run / "report.json").read_text())["config"])
-    if not cfg.data.group_field:
-        return {}
+    if not cfg.data.group_field or cfg.optim.grad_accum != 1 or cfg.data.max_records:
+        return {}        # one batch per logged step, every row of the file: the only order replayed here
     rows = [{"group": r.get(cfg.data.group_field)} for r in read_jsonl(pairs)]
     order, epoch, by = [], 0, {}
     for rec in read_metrics(run / "metrics.jsonl"):
@@ -439,15 +444,19 @@ def ensure_run(name: str, stage: str, a, extra, model_in: Path, data: Path, runs
 
     out = runs / name
     cfg = train_cfg(stage, a, extra, steps)
+    digest = hashlib.sha1(data.read_bytes()).hexdigest()
+    stamp = out / DATA_STAMP
     if (out / "report.json").exists() and (out / "model").exists():
-        # reuse only a run made with this exact config: a folder left by another recipe is retrained
-        if same_config(json.loads((out / "report.json").read_text()).get("config"), cfg):
-            log(f"train {name}: done earlier with the same config, reusing {out}")
+        # reuse only a run made with this exact config on these exact rows: anything else is retrained
+        same_data = not stamp.exists() or stamp.read_text().strip() == digest   # no stamp: a run from before stamps
+        if same_config(json.loads((out / "report.json").read_text()).get("config"), cfg) and same_data:
+            log(f"train {name}: done earlier with the same config and data, reusing {out}")
             return out
-        log(f"train {name}: {out} was trained with another config; retraining")
+        log(f"train {name}: {out} was trained with another config or data; retraining")
     log(f"train {name}: stage={stage} steps={steps} overrides={extra}")
     t0 = time.time()
     rep = run_inprocess(cfg, model_in, data, out, overwrite=True, progress=False)
+    atomic_write_text(stamp, digest + "\n")
     log(f"train {name}: {time.time() - t0:.0f}s final={rep.get('final')}")
     return out
 
@@ -633,9 +642,8 @@ def main(argv=None) -> int:
 
     def trained(method):
         s1, extra2 = STAGE2_RUNS[method]
-        if s1 is not None and FIXED_READOUT.get(method, a.readout) == "joint":
-            # bottleneck is what a stage-1 folder reads already: no override, so older runs stay reusable
-            extra2 = ["stage2.readout=joint"] + extra2
+        if s1 is not None:   # extras come after --train-override: a method's readout is always its own
+            extra2 = [f"stage2.readout={FIXED_READOUT.get(method, a.readout)}"] + extra2
         info = {}
         start = bb
         if s1 == FRESH:
@@ -654,7 +662,9 @@ def main(argv=None) -> int:
     makers = {"bm25": BM25Retriever, "minilm": lambda: minilm_encoder(a.eval_batch), "base": base_models}
     # order = priority: cheap baselines, then the head-to-head (LLM+CL vs LBR), then the ablations
     order = [m for m in ("bm25", "minilm", "base", "lbr", "llm_cl_mean", "llm_cl_last", "cl_bottleneck", "lbr_no_refine",
-                         "lbr_no_ib", "lbr_plain_lm") if m in a.methods]
+                         "lbr_no_ib", "lbr_plain_lm", "lbr_bottleneck_readout") if m in a.methods]
+    missing = set(a.methods) - set(order)
+    assert not missing, f"methods without a place in the run order: {sorted(missing)}"
     for method in order:
         evaluate_all(method, makers.get(method) or (lambda m=method: trained(m)))
 

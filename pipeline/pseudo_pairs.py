@@ -4,7 +4,8 @@ Why: a domain often has plenty of text and no (query, document) pairs, or pairs 
 retrieval (ChEBI description→SMILES stays at chance InfoNCE in every method we ran). ICT turns each
 passage into one pair: query = one sentence of it, positive = the passage with that sentence removed
 (kept with probability `keep_prob`, so the model also learns that exact overlap counts). Nothing but
-the text is used: no title, no document identity, no labels.
+the text is used: no title field, no document identity, no labels (a passage that starts with its
+paper's title line keeps it, and a sentence repeated elsewhere in a passage stays there).
 
 Deterministic: the same (texts, n, seed) give the same pairs in any process.
 """

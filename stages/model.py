@@ -286,13 +286,11 @@ class LBRModel(nn.Module):
             else:
                 out.z = out.mu
             if self.config.readout == "joint":
-                m = mask.to(hidden.dtype).unsqueeze(-1)          # text and bottleneck rows, no padding
-                out.pooled = self.w_mu((hidden * m).sum(1) / m.sum(1))
+                out.pooled = self.w_mu(_masked_mean(hidden, mask))   # text and bottleneck rows, no padding
         elif self.config.pooling == "last":
             out.pooled = hidden[torch.arange(b, device=hidden.device), lengths - 1]
         else:
-            m = attention_mask.to(hidden.dtype).unsqueeze(-1)
-            out.pooled = (hidden * m).sum(1) / m.sum(1)
+            out.pooled = _masked_mean(hidden, attention_mask)
         return out
 
     def embed_from_encoded(self, enc: Encoded) -> torch.Tensor:
@@ -385,6 +383,12 @@ def pad_right(seqs: Sequence[Sequence[int]], pad: int, length: int | None = None
         ids[i, : len(s)] = torch.tensor(s, dtype=torch.long)
         mask[i, : len(s)] = 1
     return ids, mask
+
+
+def _masked_mean(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean over the rows where `mask` is 1, summed in fp32 (bf16 cannot count past 256 exactly)."""
+    m = mask.float().unsqueeze(-1)
+    return ((hidden.float() * m).sum(1) / m.sum(1)).to(hidden.dtype)
 
 
 def _initial_rows(emb: torch.Tensor, k: int, tokenizer, config: LBRConfig) -> torch.Tensor:
