@@ -63,10 +63,9 @@ DATASETS = {
     "cosqa": DATA / "code/cosqa_dev",
     "stdlib_code": None,                      # built at run time
 }
-METHODS = ("bm25", "minilm", "base", "llm_cl_last", "llm_cl_mean", "lbr", "lbr_no_ib", "lbr_no_refine",
-           "lbr_plain_lm", "cl_bottleneck", "lbr_bottleneck_readout")
-TRAINED = ("llm_cl_last", "llm_cl_mean", "lbr", "lbr_no_ib", "lbr_no_refine", "lbr_plain_lm", "cl_bottleneck",
-           "lbr_bottleneck_readout")
+# also the run order (= priority): cheap baselines, then the head-to-head (LBR vs LLM+CL), then the ablations
+METHODS = ("bm25", "minilm", "base", "lbr", "llm_cl_mean", "llm_cl_last", "cl_bottleneck", "lbr_no_refine",
+           "lbr_no_ib", "lbr_plain_lm", "lbr_bottleneck_readout")
 # the readout of every LBR method's stage 2 is --readout, except these (fixed by what they ablate)
 FIXED_READOUT = {"lbr_bottleneck_readout": "bottleneck"}
 # training options added after results files were written, with the value those files were made with
@@ -265,7 +264,7 @@ class Results:
             self.data = {"backbone": backbone, "budget": budget, "results": {}, "timings": {}}
 
     def _has_trained(self) -> bool:
-        return any(m in TRAINED for sec in ("results", "extra") for per in self.data.get(sec, {}).values()
+        return any(m in STAGE2_RUNS for sec in ("results", "extra") for per in self.data.get(sec, {}).values()
                    for m in per)
 
     def has(self, ds: str, method: str, section: str = "results") -> bool:
@@ -660,12 +659,7 @@ def main(argv=None) -> int:
         return LBRModel.from_pretrained(r2 / "model")
 
     makers = {"bm25": BM25Retriever, "minilm": lambda: minilm_encoder(a.eval_batch), "base": base_models}
-    # order = priority: cheap baselines, then the head-to-head (LLM+CL vs LBR), then the ablations
-    order = [m for m in ("bm25", "minilm", "base", "lbr", "llm_cl_mean", "llm_cl_last", "cl_bottleneck", "lbr_no_refine",
-                         "lbr_no_ib", "lbr_plain_lm", "lbr_bottleneck_readout") if m in a.methods]
-    missing = set(a.methods) - set(order)
-    assert not missing, f"methods without a place in the run order: {sorted(missing)}"
-    for method in order:
+    for method in [m for m in METHODS if m in a.methods]:
         evaluate_all(method, makers.get(method) or (lambda m=method: trained(m)))
 
     results.note("total_seconds_last_invocation", round(time.time() - t_all, 1))
