@@ -22,12 +22,15 @@ relevance judgment is ever trained on. LLM+CL has no stage 1, so it never sees t
 the paradigm difference LBR claims.
 
 Methods: bm25, minilm, base (untrained backbone: best of mean/last pooling over the --base-layers cuts,
-which one is recorded), llm_cl_last / llm_cl_mean (stage 2 only, last-token / mean pooling), lbr (full),
+which one is recorded), llm_cl_last / llm_cl_mean (stage 2 only, last-token / mean pooling), llm_cl_idf
+(LLM+CL with the idf-weighted mean LBR reads with --idf corpus), lbr (full),
 and the ablations lbr_no_ib (beta=0 both stages), lbr_no_refine (lambda=0; shares lbr's stage 1),
 lbr_plain_lm (stage 1 = plain LM, then normal stage 2), cl_bottleneck (no stage 1: the fresh K-row
 bottleneck trained by stage 2 alone with lambda = beta = 0), and lbr_bottleneck_readout (lbr read by
 normalize(mean_k mu_k), the first reading of the paper). Every LBR method's embedding is --readout:
 joint (default) = W_mu applied to the mean over the text and bottleneck rows; bottleneck = mean_k mu_k.
+With --idf corpus (default) that mean weights each text token by its idf ** 2 on the stage-1 text
+(unlabelled; stage2.idf_corpus), so rare domain terms are not drowned by frequent ones.
 
 Output: bench/results/quality-<backbone>.json written atomically after each (dataset, method), so a
 partial run is usable and a rerun resumes (done entries and finished training runs are skipped);
@@ -64,12 +67,16 @@ DATASETS = {
     "stdlib_code": None,                      # built at run time
 }
 # also the run order (= priority): cheap baselines, then the head-to-head (LBR vs LLM+CL), then the ablations
-METHODS = ("bm25", "minilm", "base", "lbr", "llm_cl_mean", "llm_cl_last", "cl_bottleneck", "lbr_no_refine",
-           "lbr_no_ib", "lbr_plain_lm", "lbr_bottleneck_readout")
+METHODS = ("bm25", "minilm", "base", "lbr", "llm_cl_idf", "llm_cl_mean", "llm_cl_last", "cl_bottleneck",
+           "lbr_no_refine", "lbr_no_ib", "lbr_plain_lm", "lbr_bottleneck_readout")
 # the readout of every LBR method's stage 2 is --readout, except these (fixed by what they ablate)
 FIXED_READOUT = {"lbr_bottleneck_readout": "bottleneck"}
+# idf token weights of the mean (--idf): what each method's readout allows. LLM+CL's mean/last rows are the
+# issue's baselines as defined (plain pooling); llm_cl_idf is LLM+CL with the same weighted mean as LBR
+NO_IDF = {"lbr_bottleneck_readout", "llm_cl_mean", "llm_cl_last"}
+ALWAYS_IDF = {"llm_cl_idf"}
 # training options added after results files were written, with the value those files were made with
-BUDGET_ADDED = {"chem_pairs": "chebi", "readout": "bottleneck"}
+BUDGET_ADDED = {"chem_pairs": "chebi", "readout": "bottleneck", "idf": "none"}
 DATA_STAMP = "bench_data.sha1"      # sha1 of the training file a bench run folder was trained on
 METRICS = ("ndcg@10", "recall@100", "mrr@10")
 BASE_VARIANTS = {"mean": "mean", "last": "last"}   # pooling of the untrained backbone, at each --base-layers cut
@@ -85,6 +92,7 @@ STAGE1_RUNS = {
 STAGE2_RUNS = {
     "llm_cl_last": (None, ["baseline=llm_cl", "model.pooling=last"]),
     "llm_cl_mean": (None, ["baseline=llm_cl", "model.pooling=mean"]),
+    "llm_cl_idf": (None, ["baseline=llm_cl", "model.pooling=mean"]),
     "lbr": ("s1_ib", []),
     # lbr with the old readout normalize(mean_k mu_k) whatever --readout says (stage 2 trains through it too)
     "lbr_bottleneck_readout": ("s1_ib", []),
@@ -504,6 +512,9 @@ def main(argv=None) -> int:
     p.add_argument("--chem-pairs", choices=("chebi", "ict", "both"), default="chebi",
                    help="chemistry stage-2 pairs: ChEBI description->SMILES, inverse-cloze pairs from the chemistry "
                         "full-text passages (unlabelled text; pipeline.pseudo_pairs), or both")
+    p.add_argument("--idf", choices=("corpus", "none"), default="corpus",
+                   help="token weights of the joint readout's mean: idf**2 fitted on the stage-1 text file "
+                        "(corpus, default) or a plain mean (none); llm_cl_idf always uses them")
     p.add_argument("--stage1-corpora", action=argparse.BooleanOptionalAction, default=True,
                    help="add each dev set's unlabelled corpus text to the stage-1 text")
     p.add_argument("--train-override", nargs="*", default=[], help="extra key=value for every training run")
@@ -572,7 +583,7 @@ def main(argv=None) -> int:
                   "stage1_context_len": a.context_len, "target_len": a.target_len, "query_len": a.query_len,
                   "doc_len": a.doc_len, "per_domain_stage1": a.per_domain_s1, "per_domain_stage2": a.per_domain_s2,
                   "group_batches": a.group_batches, "stage1_corpora": a.stage1_corpora,
-                  "chem_pairs": a.chem_pairs, "readout": a.readout, "train_override": a.train_override, "seed": a.seed,
+                  "chem_pairs": a.chem_pairs, "readout": a.readout, "idf": a.idf, "train_override": a.train_override, "seed": a.seed,
                   "engine": "torch (in-process, CPU)"},
         "eval": {"max_queries": a.max_queries, "max_corpus": a.max_corpus, "seed": a.seed,
                  "subsampling": ("none (full corpora)" if a.full else
@@ -643,6 +654,9 @@ def main(argv=None) -> int:
         s1, extra2 = STAGE2_RUNS[method]
         if s1 is not None:   # extras come after --train-override: a method's readout is always its own
             extra2 = [f"stage2.readout={FIXED_READOUT.get(method, a.readout)}"] + extra2
+        readout = FIXED_READOUT.get(method, a.readout) if s1 is not None else "mean"
+        if method in ALWAYS_IDF or (a.idf == "corpus" and method not in NO_IDF and readout != "bottleneck"):
+            extra2 = extra2 + [f"stage2.idf_corpus={p1}"]
         info = {}
         start = bb
         if s1 == FRESH:

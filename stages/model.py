@@ -35,6 +35,11 @@ POOLINGS = ("bottleneck", "last", "mean")
 # representation alone); "joint" = normalize(W_mu mean(h over text AND bottleneck positions) + b), i.e. the
 # K mu_k pooled together with the text states mapped through the same head (why: measured, README)
 READOUTS = ("bottleneck", "joint")
+# how the text rows enter a mean (joint readout, mean pooling): "none" = plain mean; "idf" = weighted by a
+# per-token weight fitted on a domain corpus (idf ** power, scaled so the corpus's average token weighs 1,
+# as a bottleneck row does). Why: a plain mean lets frequent tokens dominate and blurs the rare domain
+# terms that decide a match; weighting measured +0.03..0.08 nDCG@10 on the lexical dev sets (README).
+TOKEN_WEIGHTINGS = ("none", "idf")
 HEAD_INITS = ("identity", "random")
 BOTTLENECK_INITS = ("prompt", "random")
 ALL_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -63,6 +68,7 @@ class LBRConfig:
     bottleneck_init: str = "prompt"        # prompt: rows = embeddings of bottleneck_prompt's tokens; random
     bottleneck_prompt: str = DEFAULT_BOTTLENECK_PROMPT
     readout: str = "bottleneck"            # bottleneck | joint (see READOUTS)
+    token_weighting: str = "none"          # none | idf (see TOKEN_WEIGHTINGS; the weights are in the folder)
     backbone: str = ""                     # where the backbone came from (provenance only)
     backbone_config: dict = field(default_factory=dict)
 
@@ -83,6 +89,12 @@ class LBRConfig:
             raise ValueError(f"readout={self.readout!r} must be one of {READOUTS}")
         if self.readout != "bottleneck" and self.pooling != "bottleneck":
             raise ValueError(f"readout={self.readout!r} needs bottleneck pooling (got pooling={self.pooling!r})")
+        if self.token_weighting not in TOKEN_WEIGHTINGS:
+            raise ValueError(f"token_weighting={self.token_weighting!r} must be one of {TOKEN_WEIGHTINGS}")
+        if self.token_weighting != "none" and not (self.pooling == "mean" or self.readout == "joint"):
+            raise ValueError(f"token_weighting={self.token_weighting!r} weights a mean over text rows: it needs "
+                             f"mean pooling or the joint readout (got pooling={self.pooling!r}, "
+                             f"readout={self.readout!r})")
         if self.bottleneck_init not in BOTTLENECK_INITS:
             raise ValueError(f"bottleneck_init={self.bottleneck_init!r} must be one of {BOTTLENECK_INITS}")
 
@@ -136,6 +148,10 @@ class LBRModel(nn.Module):
                     self.w_mu.bias.zero_()
                 self.w_logvar.weight.mul_(0.01)
                 self.w_logvar.bias.fill_(-4.0)      # start near-deterministic: small posterior variance
+        if config.token_weighting != "none":
+            # fitted by fit_token_weights, saved with the weights; ones until then (= the plain mean)
+            n_vocab = lm.get_input_embeddings().weight.size(0)
+            self.register_buffer("token_weight", torch.ones(n_vocab, dtype=torch.float32))
         self.register_buffer("_device_probe", torch.zeros(()), persistent=False)
 
     # ------------------------------------------------------------------ construction
@@ -286,11 +302,18 @@ class LBRModel(nn.Module):
             else:
                 out.z = out.mu
             if self.config.readout == "joint":
-                out.pooled = self.w_mu(_masked_mean(hidden, mask))   # text and bottleneck rows, no padding
+                # text and bottleneck rows, no padding; a bottleneck row weighs 1 (an average token)
+                w = mask.float()
+                if self.config.token_weighting != "none":
+                    w = torch.where(is_tok, self.token_weight[input_ids.gather(1, tok_idx)], w)
+                out.pooled = self.w_mu(_masked_mean(hidden, w))
         elif self.config.pooling == "last":
             out.pooled = hidden[torch.arange(b, device=hidden.device), lengths - 1]
         else:
-            out.pooled = _masked_mean(hidden, attention_mask)
+            w = attention_mask.float()
+            if self.config.token_weighting != "none":
+                w = w * self.token_weight[input_ids]
+            out.pooled = _masked_mean(hidden, w)
         return out
 
     def embed_from_encoded(self, enc: Encoded) -> torch.Tensor:
@@ -327,6 +350,39 @@ class LBRModel(nn.Module):
         if zbar.size(-1) != self.hidden_size:
             zbar = self.prompt(zbar)
         return self.lm_head()(zbar.to(self.bottleneck.dtype))
+
+    # ------------------------------------------------------------------ token weights
+    def fit_token_weights(self, texts: Sequence[str], power: float = 2.0, max_length: int = 512) -> dict:
+        """Turn on idf token weighting, fitted on `texts` (a domain corpus; unlabelled text is enough).
+
+        weight(t) = (log((N + 1) / (df(t) + 1)) + 1) ** power, then scaled so the corpus's average token
+        weighs 1, like a bottleneck row. Tokens never seen get the largest weight (rare = informative).
+        Returns a summary (documents, tokens, weight range) for the run report."""
+        texts = list(texts)
+        if not texts:
+            raise ValueError("fit_token_weights: no texts to fit the idf weights on")
+        if power < 0:
+            raise ValueError(f"fit_token_weights: power={power} must be >= 0")
+        if self.config.token_weighting == "none":
+            from dataclasses import replace
+
+            self.config = replace(self.config, token_weighting="idf")     # validates pooling/readout
+            n_vocab = self._base().get_input_embeddings().weight.size(0)
+            self.register_buffer("token_weight", torch.ones(n_vocab, dtype=torch.float32, device=self.device))
+        n_vocab = self.token_weight.numel()
+        df = np.zeros(n_vocab, dtype=np.float64)
+        tf = np.zeros(n_vocab, dtype=np.float64)
+        for ids in self.tokenize(texts, max_length):
+            a = np.asarray(ids, dtype=np.int64)
+            a = a[(a >= 0) & (a < n_vocab)]
+            df[np.unique(a)] += 1
+            np.add.at(tf, a, 1)
+        w = (np.log((len(texts) + 1) / (df + 1)) + 1) ** power
+        w /= float(tf @ w) / float(tf.sum())                 # the corpus's average token weighs 1
+        with torch.no_grad():
+            self.token_weight.copy_(torch.as_tensor(w, dtype=torch.float32))
+        return {"documents": len(texts), "tokens": int(tf.sum()), "power": power,
+                "weight_min": round(float(w.min()), 4), "weight_max": round(float(w.max()), 4)}
 
     # ------------------------------------------------------------------ inference
     def tokenize(self, texts: Sequence[str], max_length: int | None = None) -> list[list[int]]:
@@ -386,7 +442,8 @@ def pad_right(seqs: Sequence[Sequence[int]], pad: int, length: int | None = None
 
 
 def _masked_mean(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Mean over the rows where `mask` is 1, summed in fp32 (bf16 cannot count past 256 exactly)."""
+    """Mean over the rows weighted by `mask` (0/1, or >= 0 token weights), summed in fp32 (bf16 cannot
+    count past 256 exactly)."""
     m = mask.float().unsqueeze(-1)
     return ((hidden.float() * m).sum(1) / m.sum(1)).to(hidden.dtype)
 

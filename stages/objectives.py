@@ -72,12 +72,20 @@ class Stage2Config:
     refine: str = "decode"          # decode | bow: the form of L_comp on the positives (as stage1.comp)
     chunk_size: int = 0             # GradCache: embed in chunks of this many rows (0: plain, one pass)
     readout: str | None = None      # None: the stage-1 model's; bottleneck | joint (stages.model.READOUTS)
+    idf_corpus: str | None = None   # corpus (stage-1 formats) to fit idf token weights of the mean on at the
+                                    # start (stages.model.TOKEN_WEIGHTINGS); None: keep the start model's
+    idf_power: float = 2.0          # weight = idf ** power (2 measured best of 1/2/3 on the dev sets)
+    idf_max_docs: int = 100_000     # first N documents of idf_corpus (df ratios settle long before)
 
     def __post_init__(self):
         if self.readout is not None and self.readout not in READOUTS:
             raise ValueError(f"stage2.readout={self.readout!r} must be one of {READOUTS} or unset")
         if self.tau <= 0:
             raise ValueError(f"stage2.tau={self.tau} must be > 0")
+        if self.idf_power < 0:
+            raise ValueError(f"stage2.idf_power={self.idf_power} must be >= 0")
+        if self.idf_max_docs < 1:
+            raise ValueError(f"stage2.idf_max_docs={self.idf_max_docs} must be >= 1")
         if self.refine not in COMPS:
             raise ValueError(f"stage2.refine={self.refine!r} must be one of {COMPS}")
         if self.chunk_size < 0:

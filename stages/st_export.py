@@ -15,7 +15,8 @@ stock modules, exactly and for any K:
 * `Normalize`.
 
 The joint readout (W_mu applied to the mean over text *and* bottleneck rows) is the same without
-`WordWeights`.
+`WordWeights`; with idf token weights (LBRConfig.token_weighting) a `WordWeights` carries them (bottleneck
+rows 1), and Pooling(mean) divides by their sum exactly as `encode_batch` does.
 
 Baseline poolings (K = 0): `Pooling(lasttoken)` / `Pooling(mean)`, then `Normalize`.
 
@@ -101,17 +102,22 @@ def export_sentence_transformers(model: LBRModel | str | Path, out: str | Path, 
         first = Transformer(str(tdir), max_seq_length=lbr.config.max_length + k)
         modules = [first]
         d = decoder.config.hidden_size
+        n_rows = first.auto_model.get_input_embeddings().num_embeddings
+        vocab = [f"<|lbr_row_{i}|>" for i in range(n_rows)]     # WordWeights: one weight per embedding row
+        names = [BOTTLENECK_TOKEN.format(i) for i in range(k)]
+        for name, i in zip(names, ids):
+            vocab[i] = name
+        if lbr.config.token_weighting != "none":
+            # idf-weighted mean: each text row its fitted weight, each bottleneck row 1 (as in encode_batch)
+            w = lbr.token_weight.detach().float().cpu().tolist()
+            weights = {vocab[i]: w[i] for i in range(min(len(w), n_rows))}
+            weights.update(dict.fromkeys(names, 1.0))
+            modules.append(WordWeights(vocab=vocab, word_weights=weights, unknown_word_weight=1.0))
         if k:
-            n_rows = first.auto_model.get_input_embeddings().num_embeddings
-            names = [BOTTLENECK_TOKEN.format(i) for i in range(k)]
-            # WordWeights: one weight per embedding row; 1 for the bottleneck ids, 0 for every other row
-            vocab = [f"<|lbr_row_{i}|>" for i in range(n_rows)]
-            for name, i in zip(names, ids):
-                vocab[i] = name
-            if lbr.config.readout == "bottleneck":
+            if lbr.config.readout == "bottleneck":   # 1 for the bottleneck ids, 0 for every other row
                 modules.append(WordWeights(vocab=vocab, word_weights=dict.fromkeys(names, 1.0),
                                            unknown_word_weight=0.0))
-            # joint readout: the plain mean over text and bottleneck rows, then the same Dense
+            # joint readout: the (weighted) mean over text and bottleneck rows, then the same Dense
             modules.append(Pooling(d, pooling_mode="mean"))
             dense = Dense(d, lbr.w_mu.out_features, bias=True, activation_function=torch.nn.Identity())
             with torch.no_grad():
@@ -126,7 +132,7 @@ def export_sentence_transformers(model: LBRModel | str | Path, out: str | Path, 
             st.save(str(dst))
             (dst / EXPORT_MARKER).write_text(json.dumps(
                 {"format": "lbr-st-export/1", "num_bottleneck": k, "pooling": lbr.config.pooling,
-                 "readout": lbr.config.readout,
+                 "readout": lbr.config.readout, "token_weighting": lbr.config.token_weighting,
                  "bottleneck_tokens": [BOTTLENECK_TOKEN.format(i) for i in range(k)]}, indent=2) + "\n")
             if check:
                 _check_export(dst, want)

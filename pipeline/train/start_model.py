@@ -13,8 +13,32 @@ def is_lbr_folder(path: str | Path) -> bool:
     return (Path(path) / CONFIG_NAME).exists()
 
 
+def idf_texts(cfg: TrainConfig) -> list[str]:
+    """The first stage2.idf_max_docs documents (title + text) of stage2.idf_corpus, validated by the stage-1
+    corpus rules (a bad record fails with file, line and reason unless data.skip_bad_records)."""
+    from itertools import islice
+
+    from stages.readers import corpus_doc, iter_records, make_quarantine
+
+    s2 = cfg.stage2
+    q = make_quarantine(cfg.data.skip_bad_records, None)
+    docs = (corpus_doc(obj, f, n, q, cfg.data.text_field, str(n)) for f, n, obj in iter_records(s2.idf_corpus, q))
+    texts = [(d["title"] + "\n" + d["text"]).strip() for d in islice((d for d in docs if d), s2.idf_max_docs)]
+    if not texts:
+        raise ValueError(f"stage2.idf_corpus={s2.idf_corpus}: no documents to fit the idf weights on")
+    return texts
+
+
+def _with_stage2_weights(model: LBRModel, cfg: TrainConfig) -> LBRModel:
+    if cfg.stage2.idf_corpus:
+        model.fit_token_weights(idf_texts(cfg), power=cfg.stage2.idf_power)
+    return model
+
+
 def prepare_model(cfg: TrainConfig, model_path: str | Path) -> LBRModel:
-    """Stage rules of DESIGN §1: stage 2 starts from a stage-1 folder, or is the LLM+CL baseline."""
+    """Stage rules of DESIGN §1: stage 2 starts from a stage-1 folder, or is the LLM+CL baseline.
+    Stage 2's readout and idf token weights (stage2.readout, stage2.idf_corpus) are set here, so they
+    travel with the model it writes."""
     from pipeline.model_paths import resolve_model_dir
 
     model_path = Path(resolve_model_dir(model_path))      # a run folder stands for its model/
@@ -26,9 +50,9 @@ def prepare_model(cfg: TrainConfig, model_path: str | Path) -> LBRModel:
                 raise ValueError(f"--baseline llm_cl trains a plain backbone, but {model_path} is an LBR folder")
             m = cfg.model
             pooling = m.pooling if m.pooling in ("last", "mean") else "last"
-            return LBRModel.from_backbone(model_path, num_bottleneck=0, pooling=pooling, max_length=m.max_length,
-                                          lora_r=m.lora_r, lora_alpha=m.lora_alpha, lora_targets=m.lora_targets,
-                                          num_layers=m.num_layers)
+            return _with_stage2_weights(LBRModel.from_backbone(
+                model_path, num_bottleneck=0, pooling=pooling, max_length=m.max_length, lora_r=m.lora_r,
+                lora_alpha=m.lora_alpha, lora_targets=m.lora_targets, num_layers=m.num_layers), cfg)
         if not is_lbr_folder(model_path):
             raise ValueError(f"stage 2 (contrastive) needs a stage-1 output folder as --model; {model_path} is a "
                              "plain backbone. Run stage 1 first, or pass --baseline llm_cl for the LLM+CL baseline.")
@@ -36,7 +60,7 @@ def prepare_model(cfg: TrainConfig, model_path: str | Path) -> LBRModel:
         if cfg.stage2.readout and cfg.stage2.readout != model.config.readout:
             # the readout is part of the saved config: stage 2's choice travels with the model it writes
             model.config = dataclasses.replace(model.config, readout=cfg.stage2.readout)
-        return model
+        return _with_stage2_weights(model, cfg)
     if is_lbr_folder(model_path):
         return LBRModel.from_pretrained(model_path)          # continue stage 1 from an earlier run
     m = cfg.model
