@@ -59,3 +59,62 @@ def test_stage2_readout_switch_travels_with_the_model(tiny_backbone, tmp_path):
         load_train_config(None, ["stage=contrastive", "stage2.readout=last"])
     with pytest.raises(ValueError, match="needs bottleneck pooling"):
         LBRModel.from_backbone(tiny_backbone, num_bottleneck=0, pooling="mean", readout="joint")
+
+
+# ---------------------------------------------------------------------- idf token weights of the mean
+CORPUS = ["the kinase binds the receptor", "the acid and the base", "the function returns the value",
+          "the patient and the vaccine", "the cell and the membrane"] * 4
+
+
+def test_idf_weights_follow_document_frequency_and_weight_the_mean(joint):
+    info = joint.fit_token_weights(CORPUS, power=2.0)
+    assert joint.config.token_weighting == "idf" and info["documents"] == len(CORPUS)
+    w = joint.token_weight
+    the, = joint.tokenize(["the"])
+    kinase = joint.tokenize(["kinase"])[0]
+    assert w[the[0]] < min(w[i] for i in kinase)               # in every document: weighs least
+    assert w[joint.tokenizer.vocab_size - 1] == w.max()         # never seen: rare = the largest weight
+    ids, mask = pad_right(joint.tokenize(TEXTS), joint.tokenizer.pad_token_id)
+    with torch.no_grad():
+        enc = joint.encode_batch(ids, mask)
+        k = joint.num_bottleneck
+        want = []
+        for i, n in enumerate(mask.sum(1).tolist()):
+            h = enc.hidden[i, : n + k]
+            wi = torch.cat([w[ids[i, :n]], torch.ones(k)])      # text rows their weight, bottleneck rows 1
+            want.append(torch.nn.functional.normalize(joint.w_mu((h * wi[:, None]).sum(0) / wi.sum()), dim=-1))
+        got = joint.embed_from_encoded(enc)
+    torch.testing.assert_close(got, torch.stack(want), atol=1e-5, rtol=0)
+    alone = np.stack([joint.encode([t])[0] for t in TEXTS])
+    mixed = joint.encode(TEXTS[::-1] + ["x " * 50], batch_size=5)[:4][::-1]
+    np.testing.assert_allclose(alone, mixed, atol=1e-5)          # still padding- and batch-invariant
+
+
+def test_stage2_idf_corpus_fits_weights_that_travel_with_the_model(tiny_backbone, tmp_path):
+    import json
+
+    torch.manual_seed(0)
+    LBRModel.from_backbone(tiny_backbone, num_bottleneck=2).save_pretrained(tmp_path / "s1")
+    (tmp_path / "corpus.jsonl").write_text("".join(json.dumps({"_id": str(i), "text": t}) + "\n"
+                                                   for i, t in enumerate(CORPUS)))
+    ov = ["stage=contrastive", "stage2.readout=joint", f"stage2.idf_corpus={tmp_path / 'corpus.jsonl'}"]
+    m = prepare_model(load_train_config(None, ov), tmp_path / "s1")
+    assert m.config.token_weighting == "idf" and m.token_weight.std() > 0
+    m.save_pretrained(tmp_path / "s2")
+    back = LBRModel.from_pretrained(tmp_path / "s2")
+    torch.testing.assert_close(back.token_weight, m.token_weight)
+    np.testing.assert_allclose(back.encode(TEXTS), m.encode(TEXTS), atol=1e-6)
+    # the LLM+CL baseline's mean pooling takes the same weights
+    base = prepare_model(load_train_config(None, ["stage=contrastive", "baseline=llm_cl", "model.pooling=mean",
+                                                  f"stage2.idf_corpus={tmp_path / 'corpus.jsonl'}"]), tiny_backbone)
+    assert base.config.token_weighting == "idf"
+    with pytest.raises(ValueError, match="needs mean pooling or the joint readout"):   # nothing to weight
+        prepare_model(load_train_config(None, ["stage=contrastive", f"stage2.idf_corpus={tmp_path / 'corpus.jsonl'}"]),
+                      tmp_path / "s1")
+    (tmp_path / "bad.jsonl").write_text('{"_id": "a", "text": "ok"}\n{"_id": "b"}\n')
+    with pytest.raises(ValueError, match=r"bad.jsonl:2: missing field: .text."):                        # a bad record names itself
+        prepare_model(load_train_config(None, ov[:2] + [f"stage2.idf_corpus={tmp_path / 'bad.jsonl'}"]),
+                      tmp_path / "s1")
+    with pytest.raises(ValueError, match="no texts"):
+        joint_m = LBRModel.from_backbone(tiny_backbone, num_bottleneck=2, readout="joint")
+        joint_m.fit_token_weights([])

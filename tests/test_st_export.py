@@ -13,14 +13,20 @@ TEXTS = ["aspirin and stroke risk", "def f(x):\n    return x * 2", "the <|lbr_bo
 
 @pytest.mark.parametrize("kw", [{"num_bottleneck": 1}, {"num_bottleneck": 3, "lora_r": 4, "latent_dim": 16},
                                 {"num_bottleneck": 2, "latent_dim": 16, "readout": "joint"},
-                                {"num_bottleneck": 0, "pooling": "last"}, {"num_bottleneck": 0, "pooling": "mean"}],
-                         ids=["K1", "K3-lora-latent", "K2-joint", "last", "mean"])
+                                {"num_bottleneck": 2, "latent_dim": 16, "readout": "joint", "idf": True},
+                                {"num_bottleneck": 0, "pooling": "last"}, {"num_bottleneck": 0, "pooling": "mean"},
+                                {"num_bottleneck": 0, "pooling": "mean", "idf": True}],
+                         ids=["K1", "K3-lora-latent", "K2-joint", "K2-joint-idf", "last", "mean", "mean-idf"])
 def test_export_loads_without_remote_code_and_matches(tiny_backbone, tmp_path, kw):
     from sentence_transformers import SentenceTransformer
 
     from jobs import export_st
 
+    kw = dict(kw)
+    idf = kw.pop("idf", False)
     m = LBRModel.from_backbone(tiny_backbone, max_length=48, **kw)
+    if idf:     # idf token weights travel as a WordWeights module (bottleneck rows weigh 1)
+        m.fit_token_weights(TEXTS[:2] + ["aspirin reduces the risk of stroke in patients"] * 3)
     m.save_pretrained(tmp_path / "model")
     assert export_st.main(["--model", str(tmp_path / "model"), "--out", str(tmp_path / "st")]) == 0
     types = [x["type"] for x in json.loads((tmp_path / "st" / "modules.json").read_text())]
