@@ -82,6 +82,9 @@ class PipelineConfig:
     name: str = "demo"
     out: str = "runs/demo"
     model: str = "tiny"                       # tiny | smollm2 | a backbone folder / .gguf
+    # stage 2's mean (joint readout) weighted by idf fitted on the stage-1 corpus (stage2.idf_corpus):
+    # "stage1" = that corpus, "none" = a plain mean (stages.model.TOKEN_WEIGHTINGS)
+    idf: str = "none"
     workers: int = 1
     tiny: TinySpec = field(default_factory=TinySpec)
     data: DataSpec = field(default_factory=DataSpec)
@@ -91,6 +94,10 @@ class PipelineConfig:
     mining: MiningSpec = field(default_factory=MiningSpec)
     index: IndexSpec = field(default_factory=IndexSpec)
     evaluate: EvalSpec = field(default_factory=EvalSpec)
+
+    def __post_init__(self):
+        if self.idf not in ("none", "stage1"):
+            raise ValueError(f"idf={self.idf!r} must be none or stage1")
 
     def stage_config(self, stage: str, warmup: bool = False) -> TrainConfig:
         """Validated TrainConfig for one stage (unknown keys fail here, before any work).
@@ -357,6 +364,15 @@ def write_report(run: Path, cfg: PipelineConfig, info: dict) -> Path:
     return path
 
 
+def with_idf(cfg: PipelineConfig, s2cfg: TrainConfig, data: dict) -> TrainConfig:
+    """Stage 2 fits its idf token weights on the stage-1 corpus when `idf: stage1`."""
+    if cfg.idf != "stage1":
+        return s2cfg
+    from dataclasses import replace
+
+    return replace(s2cfg, stage2=replace(s2cfg.stage2, idf_corpus=str(data["stage1"])))
+
+
 def run_pipeline(cfg: PipelineConfig) -> Path:
     t0 = time.time()
     run = Path(cfg.out).resolve()
@@ -365,13 +381,13 @@ def run_pipeline(cfg: PipelineConfig) -> Path:
     data = steps.run("prepare data", prepare_data, cfg, run)
     steps.total = 6 + 2 * int(cfg.mining.enabled) + len(data["dev"])
     backbone = steps.run("prepare backbone", prepare_backbone, cfg, run, data["stage1"])
-    s1cfg, s2cfg = cfg.stage_config("generative"), cfg.stage_config("contrastive")
+    s1cfg, s2cfg = cfg.stage_config("generative"), with_idf(cfg, cfg.stage_config("contrastive"), data)
     s1 = steps.run("stage 1 (learn)", train_stage, s1cfg, backbone, data["stage1"], run / "stage1")
     stage1_model = str(run / "stage1" / "model")
     train2, mining, start2, warm = data["train"], {}, stage1_model, None
     if cfg.mining.enabled:
         warm = steps.run("stage 2 warm-up (in-batch negatives)", train_stage,
-                         cfg.stage_config("contrastive", warmup=True), stage1_model, data["train"],
+                         with_idf(cfg, cfg.stage_config("contrastive", warmup=True), data), stage1_model, data["train"],
                          run / "stage2_warmup")
         start2 = str(run / "stage2_warmup" / "model")
         mined = run / "mined" / "negatives.parquet"

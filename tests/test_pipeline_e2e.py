@@ -45,3 +45,6 @@ def test_pipeline_job_writes_report_with_lbr_and_baselines(ray_session, tmp_path
     # the config's joint readout reached the model that was indexed and evaluated
     cfg = json.loads((tmp_path / "run" / "stage2" / "model" / "lbr_config.json").read_text())
     assert s2["config"]["stage2"]["readout"] == "joint" and cfg["readout"] == "joint"
+    # ... and so did `idf: stage1`: stage 2 (warm-up and main part) fitted idf weights on the stage-1 text
+    assert s2["config"]["stage2"]["idf_corpus"].endswith("stage1_text.sample.jsonl")
+    assert cfg["token_weighting"] == "idf"
