@@ -21,8 +21,8 @@ With --stage1-corpora (default on) the stage-1 text also holds a seeded sample o
 relevance judgment is ever trained on. LLM+CL has no stage 1, so it never sees that text: that is
 the paradigm difference LBR claims.
 
-Methods: bm25, minilm, base (untrained backbone: best of mean/last pooling over the --base-layers cuts,
-which one is recorded), llm_cl_last / llm_cl_mean (stage 2 only, last-token / mean pooling), llm_cl_idf
+Methods: bm25, minilm, base (untrained backbone: best of mean/last pooling, and with --idf corpus the
+idf-weighted mean, over the --base-layers cuts; which one is recorded), llm_cl_last / llm_cl_mean (stage 2 only, last-token / mean pooling), llm_cl_idf
 (LLM+CL with the idf-weighted mean LBR reads with --idf corpus), lbr (full),
 and the ablations lbr_no_ib (beta=0 both stages), lbr_no_refine (lambda=0; shares lbr's stage 1),
 lbr_plain_lm (stage 1 = plain LM, then normal stage 2), cl_bottleneck (no stage 1: the fresh K-row
@@ -79,7 +79,9 @@ ALWAYS_IDF = {"llm_cl_idf"}
 BUDGET_ADDED = {"chem_pairs": "chebi", "readout": "bottleneck", "idf": "none"}
 DATA_STAMP = "bench_data.sha1"      # sha1 of the training file a bench run folder was trained on
 METRICS = ("ndcg@10", "recall@100", "mrr@10")
-BASE_VARIANTS = {"mean": "mean", "last": "last"}   # pooling of the untrained backbone, at each --base-layers cut
+# pooling of the untrained backbone, at each --base-layers cut; with --idf corpus also the idf-weighted mean
+# (the trained methods' token weights, fitted on the same stage-1 text), so `base` is its best pooling too
+BASE_VARIANTS = {"mean": "mean", "last": "last"}
 
 # stage-1 run name -> overrides; stage-2 method -> (stage-1 run or None, overrides). The recipe itself
 # (bow compression, identity head, prompt rows, lrs) comes from the shared options in `train_cfg`.
@@ -626,9 +628,18 @@ def main(argv=None) -> int:
     from stages.model import LBRModel
 
     def base_models():
-        return {f"{pool}@{n or 'all'}": LBRModel.from_backbone(bb, num_bottleneck=0, pooling=pool, num_layers=n,
-                                                             max_length=a.doc_len)
-                for n in a.base_layers for pool in BASE_VARIANTS}
+        models = {f"{pool}@{n or 'all'}": LBRModel.from_backbone(bb, num_bottleneck=0, pooling=pool, num_layers=n,
+                                                               max_length=a.doc_len)
+                  for n in a.base_layers for pool in BASE_VARIANTS}
+        if a.idf == "corpus":
+            from stages.objectives import Stage2Config
+
+            texts = [r["text"] for r in read_jsonl(p1)]
+            for n in a.base_layers:
+                m = LBRModel.from_backbone(bb, num_bottleneck=0, pooling="mean", num_layers=n, max_length=a.doc_len)
+                m.fit_token_weights(texts, power=Stage2Config().idf_power)     # as the trained runs
+                models[f"mean-idf@{n or 'all'}"] = m
+        return models
 
     def best_base(models: dict, data) -> tuple[dict, dict]:
         scored = {k: evaluate_retriever(m, data, ecfg) for k, m in models.items()}
