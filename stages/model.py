@@ -372,11 +372,12 @@ class LBRModel(nn.Module):
         n_vocab = self.token_weight.numel()
         df = np.zeros(n_vocab, dtype=np.float64)
         tf = np.zeros(n_vocab, dtype=np.float64)
-        for ids in self.tokenize(texts, max_length):
-            a = np.asarray(ids, dtype=np.int64)
-            a = a[(a >= 0) & (a < n_vocab)]
-            df[np.unique(a)] += 1
-            np.add.at(tf, a, 1)
+        for s in range(0, len(texts), 1024):         # in chunks: never every token list of the corpus at once
+            for ids in self.tokenize(texts[s: s + 1024], max_length):
+                a = np.asarray(ids, dtype=np.int64)
+                a = a[(a >= 0) & (a < n_vocab)]
+                df[np.unique(a)] += 1
+                tf += np.bincount(a, minlength=n_vocab)
         w = (np.log((len(texts) + 1) / (df + 1)) + 1) ** power
         w /= float(tf @ w) / float(tf.sum())                 # the corpus's average token weighs 1
         with torch.no_grad():

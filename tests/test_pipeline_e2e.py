@@ -48,3 +48,21 @@ def test_pipeline_job_writes_report_with_lbr_and_baselines(ray_session, tmp_path
     # ... and so did `idf: stage1`: stage 2 (warm-up and main part) fitted idf weights on the stage-1 text
     assert s2["config"]["stage2"]["idf_corpus"].endswith("stage1_text.sample.jsonl")
     assert cfg["token_weighting"] == "idf"
+    from stages import LBRModel
+
+    w = LBRModel.from_pretrained(tmp_path / "run" / "stage2" / "model").token_weight
+    assert w.std() > 0.1 and w.min() > 0          # fitted (all ones would be the plain mean), not zeroed
+
+
+def test_pipeline_idf_needs_the_joint_readout_before_any_work():
+    """`idf: stage1` with a stage 2 that has no text mean to weight fails at config load, not after stage 1."""
+    import pytest
+
+    from pipeline.e2e import load_pipeline_config
+
+    demo = ROOT / "jobs" / "configs" / "demo_tiny.yaml"
+    assert load_pipeline_config(demo).idf == "stage1"
+    with pytest.raises(ValueError, match="idf=stage1 weights the joint readout"):
+        load_pipeline_config(demo, ["stage2.stage2.readout=bottleneck"])
+    with pytest.raises(ValueError, match="must be none or stage1"):
+        load_pipeline_config(demo, ["idf=corpus"])

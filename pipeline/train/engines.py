@@ -119,7 +119,8 @@ class DDPEngine(TorchEngine):
         super().__init__(model, cfg, total_steps, micro_steps)
         self.rank = rank
         self.wrapped = ray.train.torch.prepare_model(
-            model, parallel_strategy_kwargs={"find_unused_parameters": True})
+            # buffers (the idf token weights) are identical on every rank: no per-forward broadcast
+            model, parallel_strategy_kwargs={"find_unused_parameters": True, "broadcast_buffers": False})
 
     def __call__(self, *args, **kwargs):
         return self.wrapped(*args, **kwargs)
