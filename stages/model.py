@@ -148,11 +148,15 @@ class LBRModel(nn.Module):
                     self.w_mu.bias.zero_()
                 self.w_logvar.weight.mul_(0.01)
                 self.w_logvar.bias.fill_(-4.0)      # start near-deterministic: small posterior variance
-        if config.token_weighting != "none":
-            # fitted by fit_token_weights, saved with the weights; ones until then (= the plain mean)
-            n_vocab = lm.get_input_embeddings().weight.size(0)
-            self.register_buffer("token_weight", torch.ones(n_vocab, dtype=torch.float32))
         self.register_buffer("_device_probe", torch.zeros(()), persistent=False)
+        if config.token_weighting != "none":
+            self._add_token_weight()
+
+    def _add_token_weight(self) -> None:
+        """The idf token weights, one per embedding row: ones (= the plain mean) until fit_token_weights
+        or from_pretrained fills them; saved with the weights."""
+        n_vocab = self._base().get_input_embeddings().weight.size(0)
+        self.register_buffer("token_weight", torch.ones(n_vocab, dtype=torch.float32, device=self.device))
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -367,8 +371,7 @@ class LBRModel(nn.Module):
             from dataclasses import replace
 
             self.config = replace(self.config, token_weighting="idf")     # validates pooling/readout
-            n_vocab = self._base().get_input_embeddings().weight.size(0)
-            self.register_buffer("token_weight", torch.ones(n_vocab, dtype=torch.float32, device=self.device))
+            self._add_token_weight()
         n_vocab = self.token_weight.numel()
         df = np.zeros(n_vocab, dtype=np.float64)
         tf = np.zeros(n_vocab, dtype=np.float64)

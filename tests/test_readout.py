@@ -115,6 +115,6 @@ def test_stage2_idf_corpus_fits_weights_that_travel_with_the_model(tiny_backbone
     with pytest.raises(ValueError, match=r"bad.jsonl:2: missing field: .text."):                        # a bad record names itself
         prepare_model(load_train_config(None, ov[:2] + [f"stage2.idf_corpus={tmp_path / 'bad.jsonl'}"]),
                       tmp_path / "s1")
+    joint_m = LBRModel.from_backbone(tiny_backbone, num_bottleneck=2, readout="joint")
     with pytest.raises(ValueError, match="no texts"):
-        joint_m = LBRModel.from_backbone(tiny_backbone, num_bottleneck=2, readout="joint")
         joint_m.fit_token_weights([])
