@@ -533,6 +533,8 @@ def main(argv=None) -> int:
     import torch
 
     torch.set_num_threads(a.threads)
+    # trained and evaluated on a GPU when there is one (the in-process trainer's rule: bf16 autocast there)
+    dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     tiny = a.backbone == "tiny"
     a.steps1 = a.steps1 or (30 if tiny else 80)
     a.steps2 = a.steps2 or (30 if tiny else 80)
@@ -586,7 +588,8 @@ def main(argv=None) -> int:
                   "doc_len": a.doc_len, "per_domain_stage1": a.per_domain_s1, "per_domain_stage2": a.per_domain_s2,
                   "group_batches": a.group_batches, "stage1_corpora": a.stage1_corpora,
                   "chem_pairs": a.chem_pairs, "readout": a.readout, "idf": a.idf, "train_override": a.train_override, "seed": a.seed,
-                  "engine": "torch (in-process, CPU)"},
+                  "engine": "torch (in-process, CPU)" if dev.type == "cpu" else
+                            f"torch (in-process, {torch.cuda.get_device_name(dev)}, bf16 autocast)"},
         "eval": {"max_queries": a.max_queries, "max_corpus": a.max_corpus, "seed": a.seed,
                  "subsampling": ("none (full corpora)" if a.full else
                                  "seeded; all relevant docs of kept queries + random distractors up to max_corpus "
@@ -597,7 +600,7 @@ def main(argv=None) -> int:
                 "evaluated on all dev sets.",
         "training_data": counts,
         "host": {"python": platform.python_version(), "torch": torch.__version__, "threads": a.threads,
-                 "cpu_count": os.cpu_count()},
+                 "cpu_count": os.cpu_count(), **({"gpu": torch.cuda.get_device_name(dev)} if dev.type == "cuda" else {})},
     }
     results = Results(out, a.backbone, budget)
     results.save()
@@ -629,7 +632,7 @@ def main(argv=None) -> int:
 
     def base_models():
         models = {f"{pool}@{n or 'all'}": LBRModel.from_backbone(bb, num_bottleneck=0, pooling=pool, num_layers=n,
-                                                               max_length=a.doc_len)
+                                                               max_length=a.doc_len).to(dev)
                   for n in a.base_layers for pool in BASE_VARIANTS}
         if a.idf == "corpus":
             from stages.objectives import Stage2Config
@@ -638,7 +641,7 @@ def main(argv=None) -> int:
             for n in a.base_layers:
                 m = LBRModel.from_backbone(bb, num_bottleneck=0, pooling="mean", num_layers=n, max_length=a.doc_len)
                 m.fit_token_weights(texts, power=Stage2Config().idf_power)     # as the trained runs
-                models[f"mean-idf@{n or 'all'}"] = m
+                models[f"mean-idf@{n or 'all'}"] = m.to(dev)
         return models
 
     def best_base(models: dict, data) -> tuple[dict, dict]:
@@ -681,7 +684,7 @@ def main(argv=None) -> int:
         info["stage2"]["infonce_by_domain"] = infonce_by_domain(r2, p2)
         results.data.setdefault("training", {})[method] = info
         results.save()
-        return LBRModel.from_pretrained(r2 / "model")
+        return LBRModel.from_pretrained(r2 / "model").to(dev)
 
     makers = {"bm25": BM25Retriever, "minilm": lambda: minilm_encoder(a.eval_batch), "base": base_models}
     for method in [m for m in METHODS if m in a.methods]:

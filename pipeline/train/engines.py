@@ -8,6 +8,7 @@ the accumulation count. `TorchEngine` is the plain in-process engine; the DeepSp
 """
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -46,6 +47,15 @@ def param_groups(model: torch.nn.Module, cfg: OptimConfig) -> list[dict]:
     return [g for g in groups if g["params"]]
 
 
+def autocast_dtype(precision: str, device: torch.device | str) -> torch.dtype | None:
+    """The autocast dtype of the plain torch engines: bf16 when asked for, or `auto` on a CUDA device; None
+    (fp32) otherwise. `auto` stays fp32 on CPU, where bf16 autocast measured slower here. DeepSpeed casts
+    the model itself (deepspeed_config), so its engine never autocasts."""
+    if precision == "bf16" or (precision == "auto" and torch.device(device).type == "cuda"):
+        return torch.bfloat16
+    return None
+
+
 def make_optimizer(groups: list[dict], cfg: OptimConfig) -> torch.optim.Optimizer:
     # a torch optimizer (not DeepSpeed's fused one): no JIT build on CPU, same math everywhere
     return torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -58,9 +68,12 @@ class TorchEngine:
     chunks); the loop scales each loss for accumulation itself, so `backward` adds gradients as given.
     """
 
-    def __init__(self, model: torch.nn.Module, cfg: OptimConfig, total_steps: int, micro_steps: int | None = None):
+    def __init__(self, model: torch.nn.Module, cfg: OptimConfig, total_steps: int, micro_steps: int | None = None,
+                 precision: str = "fp32"):
         self.module = model
         self.cfg = cfg
+        self.device_type = next(model.parameters()).device.type
+        self.amp_dtype = autocast_dtype(precision, self.device_type)
         self.micro_steps = micro_steps or cfg.grad_accum
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.optimizer = make_optimizer(param_groups(model, cfg), cfg)
@@ -95,6 +108,13 @@ class TorchEngine:
     def __call__(self, *args, **kwargs):
         return self.module(*args, **kwargs)
 
+    def autocast(self):
+        """Context for one micro-step's forward and backward: bf16 autocast (fp32 master weights and
+        optimizer state), or nothing in fp32."""
+        if self.amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device_type, dtype=self.amp_dtype)
+
     def save(self, folder: str, step: int) -> None:
         """Weights (safetensors) + optimizer/scheduler (tensors only, loadable with weights_only)."""
         from safetensors.torch import save_model
@@ -113,10 +133,10 @@ class DDPEngine(TorchEngine):
     """Plain DDP (gloo on CPU, NCCL on GPU) through Ray Train's prepare_model — a config switch."""
 
     def __init__(self, model: torch.nn.Module, cfg: OptimConfig, total_steps: int, rank: int,
-                 micro_steps: int | None = None):
+                 micro_steps: int | None = None, precision: str = "fp32"):
         import ray.train.torch
 
-        super().__init__(model, cfg, total_steps, micro_steps)
+        super().__init__(model, cfg, total_steps, micro_steps, precision)
         self.rank = rank
         self.wrapped = ray.train.torch.prepare_model(
             # buffers (the idf token weights) are identical on every rank: no per-forward broadcast
@@ -182,6 +202,9 @@ class DeepSpeedEngine:
 
     def __call__(self, *args, **kwargs):
         return self.engine(*args, **kwargs)
+
+    def autocast(self):
+        return contextlib.nullcontext()             # bf16 is DeepSpeed's own (the model is cast)
 
     def backward(self, loss: torch.Tensor) -> None:
         self.engine.backward(loss, scale_wrt_gas=False)   # the loop already scaled for accumulation

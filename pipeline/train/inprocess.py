@@ -1,5 +1,6 @@
 """The in-process runner: the one loop with the plain torch engine in this process (benches, tests,
-`engine.kind=torch`). Rows are read here through the core readers; this is not the Ray path."""
+`engine.kind=torch`), on the GPU when there is one (bf16 autocast by `engine.precision=auto`), else the
+CPU in fp32. Rows are read here through the core readers; this is not the Ray path."""
 from __future__ import annotations
 
 import shutil
@@ -40,6 +41,14 @@ def prepare_run(cfg: TrainConfig, model_path: str | Path, data_path: str | Path,
     return out, rows, bad, model
 
 
+def device_name(device) -> str:
+    """'cpu', or 'cuda:<name of the card>' (reports say which card a number came from)."""
+    import torch
+
+    device = torch.device(device)
+    return f"cuda:{torch.cuda.get_device_name(device)}" if device.type == "cuda" else device.type
+
+
 def run_inprocess(cfg: TrainConfig, model_path: str | Path, data_path: str | Path, out: str | Path,
                   overwrite: bool = False, progress: bool | None = None) -> dict:
     """Reference trainer: the one loop with the plain torch engine, in this process, one worker."""
@@ -51,7 +60,9 @@ def run_inprocess(cfg: TrainConfig, model_path: str | Path, data_path: str | Pat
     t_start = time.time()
     torch.manual_seed(cfg.seed)
     out, rows, bad, model = prepare_run(cfg, model_path, data_path, out, overwrite)
-    engine = TorchEngine(model, cfg.optim, cfg.steps, cfg.micro_steps())
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")   # the Ray workers' rule
+    model.to(device)
+    engine = TorchEngine(model, cfg.optim, cfg.steps, cfg.micro_steps(), cfg.engine.precision)
     writer = MetricsWriter(out, cfg.steps, cfg.stage, progress)
 
     def checkpoint(step: int) -> None:
@@ -60,12 +71,13 @@ def run_inprocess(cfg: TrainConfig, model_path: str | Path, data_path: str | Pat
         model.save_pretrained(out / "checkpoints" / f"step-{step}")
 
     try:
-        final = train_loop(model, engine, local_source(model.tokenizer, rows, cfg), cfg, log=writer,
+        final = train_loop(model, engine, local_source(model.tokenizer, rows, cfg), cfg, log=writer, device=device,
                            checkpoint=checkpoint if cfg.checkpoint_every else None)
     finally:
         writer.close()
     model.save_pretrained(out / "model")
-    report = {"stage": cfg.stage, "engine": "torch", "workers": 1, "model_in": str(model_path),
+    report = {"stage": cfg.stage, "engine": "torch", "workers": 1, "device": device_name(device),
+              "precision": str(engine.amp_dtype or torch.float32).removeprefix("torch."), "model_in": str(model_path),
               "data": str(data_path), "steps": cfg.steps, "rows": len(rows), "bad_records": bad,
               "seconds": round(time.time() - t_start, 2), "final": final, "config": cfg.to_dict()}
     write_report(out, report)

