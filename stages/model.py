@@ -149,6 +149,7 @@ class LBRModel(nn.Module):
                 self.w_logvar.weight.mul_(0.01)
                 self.w_logvar.bias.fill_(-4.0)      # start near-deterministic: small posterior variance
         self.register_buffer("_device_probe", torch.zeros(()), persistent=False)
+        self.token_weight_info: dict | None = None     # summary of the last idf fit (run reports)
         if config.token_weighting != "none":
             self._add_token_weight()
 
@@ -367,12 +368,7 @@ class LBRModel(nn.Module):
             raise ValueError("fit_token_weights: no texts to fit the idf weights on")
         if power < 0:
             raise ValueError(f"fit_token_weights: power={power} must be >= 0")
-        if self.config.token_weighting == "none":
-            from dataclasses import replace
-
-            self.config = replace(self.config, token_weighting="idf")     # validates pooling/readout
-            self._add_token_weight()
-        n_vocab = self.token_weight.numel()
+        n_vocab = self._base().get_input_embeddings().weight.size(0)
         df = np.zeros(n_vocab, dtype=np.float64)
         tf = np.zeros(n_vocab, dtype=np.float64)
         for s in range(0, len(texts), 1024):         # in chunks: never every token list of the corpus at once
@@ -383,10 +379,28 @@ class LBRModel(nn.Module):
                 tf += np.bincount(a, minlength=n_vocab)
         w = (np.log((len(texts) + 1) / (df + 1)) + 1) ** power
         w /= float(tf @ w) / float(tf.sum())                 # the corpus's average token weighs 1
+        return self.set_token_weights(torch.as_tensor(w, dtype=torch.float32), {
+            "documents": len(texts), "tokens": int(tf.sum()), "power": power,
+            "weight_min": round(float(w.min()), 4), "weight_max": round(float(w.max()), 4)})
+
+    def set_token_weights(self, weights: torch.Tensor, info: dict | None = None) -> dict:
+        """Turn on idf token weighting with given weights (one per embedding row, finite, > 0), e.g. fitted
+        once by a driver and loaded by every worker. `info` (the fit summary) is kept in token_weight_info."""
+        n_vocab = self._base().get_input_embeddings().weight.size(0)
+        weights = torch.as_tensor(weights, dtype=torch.float32)
+        if weights.shape != (n_vocab,):
+            raise ValueError(f"token weights have shape {tuple(weights.shape)}; this model needs ({n_vocab},)")
+        if not bool(torch.isfinite(weights).all()) or not bool((weights > 0).all()):
+            raise ValueError("token weights must be finite and > 0")
+        if self.config.token_weighting == "none":
+            from dataclasses import replace
+
+            self.config = replace(self.config, token_weighting="idf")     # validates pooling/readout
+            self._add_token_weight()
         with torch.no_grad():
-            self.token_weight.copy_(torch.as_tensor(w, dtype=torch.float32))
-        return {"documents": len(texts), "tokens": int(tf.sum()), "power": power,
-                "weight_min": round(float(w.min()), 4), "weight_max": round(float(w.max()), 4)}
+            self.token_weight.copy_(weights)
+        self.token_weight_info = dict(info or {})
+        return self.token_weight_info
 
     # ------------------------------------------------------------------ inference
     def tokenize(self, texts: Sequence[str], max_length: int | None = None) -> list[list[int]]:

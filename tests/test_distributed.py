@@ -154,11 +154,19 @@ def test_both_stages_two_workers_zero2_through_jobs_train(ray_session, tiny_back
                  "--out", str(tmp_path / "bad")] + common) == 2
     assert main(["--stage", "generative", "--model", str(tiny_backbone), "--data", f"file://{corpus}",
                  "--out", str(s1)] + common) == 2
+    # stage 2 reads the idf-weighted joint readout: the driver fits the weights once and saves them; both
+    # workers and the export load that file (the report says what it was fitted on)
+    idf = ["stage2.readout=joint", f"stage2.idf_corpus={beir / 'corpus.jsonl'}"]
     assert main(["--stage", "contrastive", "--model", str(s1 / "model"), "--data", str(beir),
-                 "--out", str(tmp_path / "s2")] + common) == 0
+                 "--out", str(tmp_path / "s2")] + common + idf) == 0
     recs2 = [json.loads(x) for x in (tmp_path / "s2" / "metrics.jsonl").read_text().splitlines()]
     assert len(recs2) == 4 and {"cl", "comp", "rate"} <= set(recs2[-1])
     m2 = LBRModel.from_pretrained(tmp_path / "s2" / "model")
+    assert json.loads((tmp_path / "s2" / "report.json").read_text())["idf"]["documents"] == 64
+    from safetensors.torch import load_file
+
+    saved = load_file(str(tmp_path / "s2" / "token_weights.safetensors"))["token_weight"]
+    assert m2.config.token_weighting == "idf" and saved.std() > 0 and torch.equal(m2.token_weight, saved)
     assert m2.num_bottleneck == m1.num_bottleneck
     emb = m2.encode(["protein kinase", "return value"])
     assert emb.shape == (2, m2.embedding_dim) and np.allclose(np.linalg.norm(emb, axis=1), 1, atol=1e-5)
@@ -166,7 +174,7 @@ def test_both_stages_two_workers_zero2_through_jobs_train(ray_session, tiny_back
     # GradCache under DeepSpeed ZeRO-2 with gathered negatives: chunks of 2 rows are engine micro-steps,
     # and the trained weights equal the plain large-batch run's (Adam magnifies float-order noise a little)
     assert main(["--stage", "contrastive", "--model", str(s1 / "model"), "--data", str(beir),
-                 "--out", str(tmp_path / "s2c")] + common + ["stage2.chunk_size=2"]) == 0
+                 "--out", str(tmp_path / "s2c")] + common + idf + ["stage2.chunk_size=2"]) == 0
     recs2c = [json.loads(x) for x in (tmp_path / "s2c" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in recs2c] == [1, 2, 3, 4]
     assert recs2c[0]["cl"] == pytest.approx(recs2[0]["cl"], abs=1e-5)

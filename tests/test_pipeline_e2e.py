@@ -52,6 +52,7 @@ def test_pipeline_job_writes_report_with_lbr_and_baselines(ray_session, tmp_path
 
     w = LBRModel.from_pretrained(tmp_path / "run" / "stage2" / "model").token_weight
     assert w.std() > 0.1 and w.min() > 0          # fitted (all ones would be the plain mean), not zeroed
+    assert s2["idf"]["documents"] > 0 and s2["idf"]["power"] == 2.0      # the report says what it was fitted on
 
 
 def test_pipeline_idf_needs_the_joint_readout_before_any_work():

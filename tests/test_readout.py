@@ -118,3 +118,30 @@ def test_stage2_idf_corpus_fits_weights_that_travel_with_the_model(tiny_backbone
     joint_m = LBRModel.from_backbone(tiny_backbone, num_bottleneck=2, readout="joint")
     with pytest.raises(ValueError, match="no texts"):
         joint_m.fit_token_weights([])
+
+
+def test_weights_fitted_once_load_without_the_corpus(tiny_backbone, tmp_path):
+    """The Ray driver fits once and saves the weights; workers and the export load that file and never
+    read the corpus again (here it is gone), getting the same weights and the fit summary."""
+    import json
+
+    from pipeline.train.start_model import save_token_weights
+
+    torch.manual_seed(0)
+    LBRModel.from_backbone(tiny_backbone, num_bottleneck=2).save_pretrained(tmp_path / "s1")
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text("".join(json.dumps({"_id": str(i), "text": t}) + "\n" for i, t in enumerate(CORPUS)))
+    cfg = load_train_config(None, ["stage=contrastive", "stage2.readout=joint", f"stage2.idf_corpus={corpus}"])
+    fitted = prepare_model(cfg, tmp_path / "s1")
+    assert fitted.token_weight_info["documents"] == len(CORPUS)
+    f = save_token_weights(fitted, tmp_path / "w.safetensors")
+    corpus.unlink()
+    with pytest.raises(FileNotFoundError):
+        prepare_model(cfg, tmp_path / "s1")                      # fitting would need the corpus ...
+    loaded = prepare_model(cfg, tmp_path / "s1", token_weights=f)   # ... loading does not
+    torch.testing.assert_close(loaded.token_weight, fitted.token_weight)
+    assert loaded.token_weight_info["documents"] == len(CORPUS) and loaded.token_weight_info["loaded_from"] == str(f)
+    with pytest.raises(ValueError, match="shape"):
+        loaded.set_token_weights(torch.ones(3))
+    with pytest.raises(ValueError, match="finite and > 0"):
+        loaded.set_token_weights(torch.zeros_like(loaded.token_weight))

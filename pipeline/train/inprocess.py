@@ -79,6 +79,7 @@ def run_inprocess(cfg: TrainConfig, model_path: str | Path, data_path: str | Pat
     report = {"stage": cfg.stage, "engine": "torch", "workers": 1, "device": device_name(device),
               "precision": str(engine.amp_dtype or torch.float32).removeprefix("torch."), "model_in": str(model_path),
               "data": str(data_path), "steps": cfg.steps, "rows": len(rows), "bad_records": bad,
+              "idf": model.token_weight_info,
               "seconds": round(time.time() - t_start, 2), "final": final, "config": cfg.to_dict()}
     write_report(out, report)
     return report

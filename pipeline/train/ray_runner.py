@@ -17,7 +17,7 @@ from pathlib import Path
 from pipeline.cluster import ensure_ray
 from pipeline.config import TrainConfig, from_dict
 from pipeline.train.run_folder import MetricsWriter, check_out_dir, claim_out_dir, read_metrics, write_report
-from pipeline.train.start_model import prepare_model
+from pipeline.train.start_model import TOKEN_WEIGHTS_FILE, prepare_model, save_token_weights
 
 STATE_FILE = "trainer_state.json"
 
@@ -63,7 +63,7 @@ def worker_fn(config: dict) -> None:
     torch.manual_seed(cfg.seed)
     # the first batch is fetched while the model loads and the engine starts (see stream.prefetched)
     source = prefetched(shard_source(ray.train.get_dataset_shard("train"), cfg.batch_size, seed=cfg.seed + rank))
-    model = prepare_model(cfg, config["model_path"]).to(device)
+    model = prepare_model(cfg, config["model_path"], config.get("token_weights")).to(device)
     engine = make_engine(model, cfg, rank, world, use_cuda)
 
     start = 0
@@ -177,13 +177,14 @@ def _truncate_metrics(path: Path, step: int) -> None:
 
 
 # ---------------------------------------------------------------------- driver side
-def export_model(cfg: TrainConfig, model_path: str | Path, ckpt_dir: Path, dest: Path) -> None:
+def export_model(cfg: TrainConfig, model_path: str | Path, ckpt_dir: Path, dest: Path,
+                 token_weights: str | Path | None = None) -> None:
     """Final checkpoint -> LBRModel folder (DeepSpeed: merge ZeRO partitions to fp32)."""
     import torch
     from safetensors.torch import load_file
 
     torch.manual_seed(cfg.seed)
-    model = prepare_model(cfg, model_path)
+    model = prepare_model(cfg, model_path, token_weights)
     if cfg.engine.kind == "deepspeed" and not (ckpt_dir / "model.safetensors").exists():
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
@@ -255,7 +256,7 @@ def run_ray(cfg: TrainConfig, model_path: str | Path, data_path: str | Path, out
     # inputs (data listing, model, every record) are validated before Ray Train starts and before --out is touched
     stale = check_out_dir(out, overwrite)
     src = open_source(data_path, cfg)
-    prepare_model(cfg, model_path)
+    start = prepare_model(cfg, model_path)               # the one idf fit of the run, if stage 2 has one
     model_path = resolve_model_dir(model_path)           # a run folder stands for its model/
     ensure_ray()
     import ray
@@ -269,6 +270,10 @@ def run_ray(cfg: TrainConfig, model_path: str | Path, data_path: str | Path, out
     finally:
         if checked.quarantine is not None:
             checked.quarantine.unlink(missing_ok=True)
+    token_weights, idf = None, None
+    if start.token_weight_info is not None:              # workers and the export load it: no refit per process
+        token_weights, idf = str(save_token_weights(start, out / TOKEN_WEIGHTS_FILE)), start.token_weight_info
+    del start
     ds = build_dataset(cfg, src, checked, model_path)
     use_gpu = ray.cluster_resources().get("GPU", 0) > 0
     scaling = ScalingConfig(num_workers=cfg.workers, use_gpu=use_gpu,
@@ -279,7 +284,7 @@ def run_ray(cfg: TrainConfig, model_path: str | Path, data_path: str | Path, out
     trainer = TorchTrainer(
         worker_fn,
         train_loop_config={"cfg": cfg.to_dict(), "model_path": str(Path(model_path).resolve()), "out": str(out),
-                           "pid_file": pid_file, "debug": debug, "eval": eval_config},
+                           "pid_file": pid_file, "debug": debug, "eval": eval_config, "token_weights": token_weights},
         scaling_config=scaling, datasets={"train": ds},
         run_config=RunConfig(**{"name": f"{cfg.stage}-{int(time.time())}",
                                 "storage_path": storage_path or str(out / "ray"),
@@ -298,13 +303,13 @@ def run_ray(cfg: TrainConfig, model_path: str | Path, data_path: str | Path, out
         state = json.loads((Path(d) / STATE_FILE).read_text())
         if state["step"] != cfg.steps:
             raise RuntimeError(f"last checkpoint is step {state['step']}, expected {cfg.steps}")
-        export_model(cfg, model_path, Path(d), out / "model")
+        export_model(cfg, model_path, Path(d), out / "model", token_weights)
     metrics = read_metrics(out / "metrics.jsonl")
     attempts = (out / ".attempts").read_text().split() if (out / ".attempts").exists() else ["0"]
     report = {"stage": cfg.stage, "engine": cfg.engine.kind, "zero": cfg.engine.zero, "workers": cfg.workers,
               "model_in": str(model_path), "data": str(data_path), "steps": cfg.steps, "rows": checked.rows,
               "bad_records": bad, "seconds": round(time.time() - t0, 2), "fit_seconds": round(fit_s, 2),
               "restarts": len(attempts) - 1, "resumed_from_steps": [int(x) for x in attempts[1:]],
-              "final": metrics[-1] if metrics else {}, "config": cfg.to_dict()}
+              "final": metrics[-1] if metrics else {}, "idf": idf, "config": cfg.to_dict()}
     write_report(out, report)
     return report

@@ -29,16 +29,49 @@ def idf_texts(cfg: TrainConfig) -> list[str]:
     return texts
 
 
-def _with_stage2_weights(model: LBRModel, cfg: TrainConfig) -> LBRModel:
+TOKEN_WEIGHTS_FILE = "token_weights.safetensors"
+
+
+def save_token_weights(model: LBRModel, path: str | Path) -> Path:
+    """The model's idf weights and fit summary as one small file (vocab floats), written atomically: the Ray
+    driver fits once and every worker and the export load this instead of re-reading the corpus."""
+    import json
+    import os
+
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    save_file({"token_weight": model.token_weight.detach().cpu().contiguous()}, str(tmp),
+              metadata={"info": json.dumps(model.token_weight_info or {})})
+    os.replace(tmp, path)
+    return path
+
+
+def load_token_weights(model: LBRModel, path: str | Path) -> LBRModel:
+    import json
+
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        weights, info = f.get_tensor("token_weight"), json.loads((f.metadata() or {}).get("info", "{}"))
+    model.set_token_weights(weights, {**info, "loaded_from": str(path)})
+    return model
+
+
+def _with_stage2_weights(model: LBRModel, cfg: TrainConfig, token_weights: str | Path | None) -> LBRModel:
     if cfg.stage2.idf_corpus:
+        if token_weights is not None:
+            return load_token_weights(model, token_weights)
         model.fit_token_weights(idf_texts(cfg), power=cfg.stage2.idf_power)
     return model
 
 
-def prepare_model(cfg: TrainConfig, model_path: str | Path) -> LBRModel:
+def prepare_model(cfg: TrainConfig, model_path: str | Path, token_weights: str | Path | None = None) -> LBRModel:
     """Stage rules of DESIGN §1: stage 2 starts from a stage-1 folder, or is the LLM+CL baseline.
     Stage 2's readout and idf token weights (stage2.readout, stage2.idf_corpus) are set here, so they
-    travel with the model it writes."""
+    travel with the model it writes. `token_weights`: a save_token_weights file fitted earlier on
+    stage2.idf_corpus (the Ray driver's), loaded instead of fitting again."""
     from pipeline.model_paths import resolve_model_dir
 
     model_path = Path(resolve_model_dir(model_path))      # a run folder stands for its model/
@@ -52,7 +85,7 @@ def prepare_model(cfg: TrainConfig, model_path: str | Path) -> LBRModel:
             pooling = m.pooling if m.pooling in ("last", "mean") else "last"
             return _with_stage2_weights(LBRModel.from_backbone(
                 model_path, num_bottleneck=0, pooling=pooling, max_length=m.max_length, lora_r=m.lora_r,
-                lora_alpha=m.lora_alpha, lora_targets=m.lora_targets, num_layers=m.num_layers), cfg)
+                lora_alpha=m.lora_alpha, lora_targets=m.lora_targets, num_layers=m.num_layers), cfg, token_weights)
         if not is_lbr_folder(model_path):
             raise ValueError(f"stage 2 (contrastive) needs a stage-1 output folder as --model; {model_path} is a "
                              "plain backbone. Run stage 1 first, or pass --baseline llm_cl for the LLM+CL baseline.")
@@ -60,7 +93,7 @@ def prepare_model(cfg: TrainConfig, model_path: str | Path) -> LBRModel:
         if cfg.stage2.readout and cfg.stage2.readout != model.config.readout:
             # the readout is part of the saved config: stage 2's choice travels with the model it writes
             model.config = dataclasses.replace(model.config, readout=cfg.stage2.readout)
-        return _with_stage2_weights(model, cfg)
+        return _with_stage2_weights(model, cfg, token_weights)
     if is_lbr_folder(model_path):
         return LBRModel.from_pretrained(model_path)          # continue stage 1 from an earlier run
     m = cfg.model
