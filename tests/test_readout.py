@@ -145,3 +145,30 @@ def test_weights_fitted_once_load_without_the_corpus(tiny_backbone, tmp_path):
         loaded.set_token_weights(torch.ones(3))
     with pytest.raises(ValueError, match="finite and > 0"):
         loaded.set_token_weights(torch.zeros_like(loaded.token_weight))
+
+
+def test_idf_corpus_is_read_from_a_uri_in_any_stage1_layout(tiny_backbone, tmp_path):
+    """stage2.idf_corpus takes what a stage-1 corpus takes: a file:// URI (any pyarrow filesystem) and a
+    Parquet folder give the same weights as the local JSONL file."""
+    import json
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    torch.manual_seed(0)
+    LBRModel.from_backbone(tiny_backbone, num_bottleneck=2).save_pretrained(tmp_path / "s1")
+    rows = [{"_id": str(i), "text": t} for i, t in enumerate(CORPUS)]
+    (tmp_path / "corpus.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (tmp_path / "pq").mkdir()
+    pq.write_table(pa.Table.from_pylist(rows[:3]), tmp_path / "pq" / "a.parquet")
+    pq.write_table(pa.Table.from_pylist(rows[3:]), tmp_path / "pq" / "b.parquet")
+
+    def weights(corpus):
+        cfg = load_train_config(None, ["stage=contrastive", "stage2.readout=joint", f"stage2.idf_corpus={corpus}"])
+        return prepare_model(cfg, tmp_path / "s1").token_weight
+
+    local = weights(tmp_path / "corpus.jsonl")
+    torch.testing.assert_close(weights(f"file://{tmp_path / 'corpus.jsonl'}"), local)
+    torch.testing.assert_close(weights(f"file://{tmp_path / 'pq'}"), local)
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        weights(f"file://{tmp_path / 'missing.jsonl'}")

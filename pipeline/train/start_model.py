@@ -14,16 +14,20 @@ def is_lbr_folder(path: str | Path) -> bool:
 
 
 def idf_texts(cfg: TrainConfig) -> list[str]:
-    """The first stage2.idf_max_docs documents (title + text) of stage2.idf_corpus, validated by the stage-1
-    corpus rules (a bad record fails with file, line and reason unless data.skip_bad_records)."""
+    """The first stage2.idf_max_docs documents (title + text) of stage2.idf_corpus: a local path or any
+    pyarrow filesystem URI, in any stage-1 layout, read file by file and validated by the stage-1 rules (the
+    Ray path's own reader: a bad record fails with file, line and reason unless data.skip_bad_records)."""
     from itertools import islice
 
-    from stages.readers import corpus_doc, iter_records, make_quarantine
+    from pipeline.train.stream import file_rows, open_source
+    from stages.readers import make_quarantine
 
     s2 = cfg.stage2
+    as_corpus = dataclasses.replace(cfg, stage="generative")    # read it as a stage-1 corpus
+    src = open_source(s2.idf_corpus, as_corpus)
     q = make_quarantine(cfg.data.skip_bad_records, None)
-    docs = (corpus_doc(obj, f, n, q, cfg.data.text_field, str(n)) for f, n, obj in iter_records(s2.idf_corpus, q))
-    texts = [(d["title"] + "\n" + d["text"]).strip() for d in islice((d for d in docs if d), s2.idf_max_docs)]
+    rows = (r for path in src.files for r in file_rows(src, as_corpus, path, q))
+    texts = [r["text"].strip() for r in islice(rows, s2.idf_max_docs)]
     if not texts:
         raise ValueError(f"stage2.idf_corpus={s2.idf_corpus}: no documents to fit the idf weights on")
     return texts
