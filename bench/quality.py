@@ -635,12 +635,14 @@ def main(argv=None) -> int:
                                                                max_length=a.doc_len).to(dev)
                   for n in a.base_layers for pool in BASE_VARIANTS}
         if a.idf == "corpus":
-            from stages.objectives import Stage2Config
+            from pipeline.train.start_model import idf_texts
 
-            texts = [r["text"] for r in read_jsonl(p1)]
+            # the trained runs' texts and power: the same reader and config (--train-override included)
+            cfg = train_cfg("contrastive", a, [f"stage2.idf_corpus={p1}"], 1)
+            texts = idf_texts(cfg)
             for n in a.base_layers:
                 m = LBRModel.from_backbone(bb, num_bottleneck=0, pooling="mean", num_layers=n, max_length=a.doc_len)
-                m.fit_token_weights(texts, power=Stage2Config().idf_power)     # as the trained runs
+                m.fit_token_weights(texts, power=cfg.stage2.idf_power)
                 models[f"mean-idf@{n or 'all'}"] = m.to(dev)
         return models
 
