@@ -153,6 +153,14 @@ class LBRModel(nn.Module):
         if config.token_weighting != "none":
             self._add_token_weight()
 
+    def _enable_token_weighting(self) -> None:
+        """Switch the config to idf (validates pooling/readout) and add the buffer, once."""
+        if self.config.token_weighting == "none":
+            from dataclasses import replace
+
+            self.config = replace(self.config, token_weighting="idf")
+            self._add_token_weight()
+
     def _add_token_weight(self) -> None:
         """The idf token weights, one per embedding row: ones (= the plain mean) until fit_token_weights
         or from_pretrained fills them; saved with the weights."""
@@ -368,7 +376,8 @@ class LBRModel(nn.Module):
             raise ValueError("fit_token_weights: no texts to fit the idf weights on")
         if power < 0:
             raise ValueError(f"fit_token_weights: power={power} must be >= 0")
-        n_vocab = self._base().get_input_embeddings().weight.size(0)
+        self._enable_token_weighting()              # a readout with no text mean fails here, before any counting
+        n_vocab = self.token_weight.numel()
         df = np.zeros(n_vocab, dtype=np.float64)
         tf = np.zeros(n_vocab, dtype=np.float64)
         for s in range(0, len(texts), 1024):         # in chunks: never every token list of the corpus at once
@@ -392,11 +401,7 @@ class LBRModel(nn.Module):
             raise ValueError(f"token weights have shape {tuple(weights.shape)}; this model needs ({n_vocab},)")
         if not bool(torch.isfinite(weights).all()) or not bool((weights > 0).all()):
             raise ValueError("token weights must be finite and > 0")
-        if self.config.token_weighting == "none":
-            from dataclasses import replace
-
-            self.config = replace(self.config, token_weighting="idf")     # validates pooling/readout
-            self._add_token_weight()
+        self._enable_token_weighting()
         with torch.no_grad():
             self.token_weight.copy_(weights)
         self.token_weight_info = dict(info or {})
