@@ -171,16 +171,31 @@ def test_both_stages_two_workers_zero2_through_jobs_train(ray_session, tiny_back
     emb = m2.encode(["protein kinase", "return value"])
     assert emb.shape == (2, m2.embedding_dim) and np.allclose(np.linalg.norm(emb, axis=1), 1, atol=1e-5)
 
-    # GradCache under DeepSpeed ZeRO-2 with gathered negatives: chunks of 2 rows are engine micro-steps,
-    # and the trained weights equal the plain large-batch run's (Adam magnifies float-order noise a little)
-    assert main(["--stage", "contrastive", "--model", str(s1 / "model"), "--data", str(beir),
-                 "--out", str(tmp_path / "s2c")] + common + idf + ["stage2.chunk_size=2"]) == 0
-    recs2c = [json.loads(x) for x in (tmp_path / "s2c" / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in recs2c] == [1, 2, 3, 4]
-    assert recs2c[0]["cl"] == pytest.approx(recs2[0]["cl"], abs=1e-5)
-    m2c = LBRModel.from_pretrained(tmp_path / "s2c" / "model")
-    w2, w2c = dict(m2.named_parameters()), dict(m2c.named_parameters())
-    moved = max(float((w2[n] - w).abs().max()) for n, w in m1.named_parameters())
+
+@pytest.mark.slow   # two more 2-worker Ray runs (~1.5 min); the default suite checks GradCache under one-rank
+# DeepSpeed ZeRO-2 (tests/test_grad_cache.py) and gathered negatives without GradCache (above)
+def test_grad_cache_two_workers_zero2_gathered_negatives_equals_plain(ray_session, tiny_backbone, tmp_path):
+    """GradCache under DeepSpeed ZeRO-2 with gathered negatives across 2 workers: chunks of 2 rows are engine
+    micro-steps, and the trained weights equal the plain large-batch run's (Adam magnifies float-order noise)."""
+    from jobs.train import main
+
+    torch.manual_seed(0)
+    start = tmp_path / "start"
+    LBRModel.from_backbone(tiny_backbone, num_bottleneck=4, lora_r=4).save_pretrained(start)
+    m0 = LBRModel.from_pretrained(start)
+    beir = _write_beir(tmp_path / "beir")
+    common = ["--workers", "2", "--zero", "2", "--steps", "4", "batch_size=4", "log_every=1", "optim.lr=0.003",
+              "stage2.readout=joint", f"stage2.idf_corpus={beir / 'corpus.jsonl'}"]
+    recs, models = [], []
+    for name, extra in (("s2", []), ("s2c", ["stage2.chunk_size=2"])):
+        assert main(["--stage", "contrastive", "--model", str(start), "--data", str(beir),
+                     "--out", str(tmp_path / name)] + common + extra) == 0
+        recs.append([json.loads(x) for x in (tmp_path / name / "metrics.jsonl").read_text().splitlines()])
+        models.append(LBRModel.from_pretrained(tmp_path / name / "model"))
+    assert [r["step"] for r in recs[1]] == [1, 2, 3, 4]
+    assert recs[1][0]["cl"] == pytest.approx(recs[0][0]["cl"], abs=1e-5)
+    w2, w2c = dict(models[0].named_parameters()), dict(models[1].named_parameters())
+    moved = max(float((w2[n] - w).abs().max()) for n, w in m0.named_parameters())
     diff = max(float((w2c[n] - w).abs().max()) for n, w in w2.items())
     assert moved > 1e-3 and diff < 1e-4, (diff, moved)          # measured: diff 8e-6, moved 7.5e-3
 

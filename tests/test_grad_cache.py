@@ -67,8 +67,39 @@ def test_grad_cache_equals_plain_large_batch(tiny_backbone, pooling, cfg):
         assert ref["bottleneck"].abs().sum() > 0
 
 
-def test_grad_cache_step_through_loop_and_engine_matches_plain(tiny_backbone, tmp_path):
-    """Two optimizer steps with gradient accumulation 2: GradCache chunks count as engine micro-steps."""
+@pytest.fixture
+def single_process_group(monkeypatch):
+    """A one-rank gloo process group in this process (DeepSpeed needs one), torn down after the test."""
+    import socket
+
+    import torch.distributed as dist
+
+    for k, v in {"LOCAL_RANK": "0", "RANK": "0", "WORLD_SIZE": "1"}.items():
+        monkeypatch.setenv(k, v)
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    yield
+    dist.destroy_process_group()
+
+
+def _engine(kind, model, cfg):
+    if kind == "torch":
+        return TorchEngine(model, cfg.optim, cfg.steps, cfg.micro_steps())
+    from pipeline.train.engines import DeepSpeedEngine
+
+    return DeepSpeedEngine(model, cfg, cfg.steps, world_size=1, use_cuda=False)
+
+
+@pytest.mark.parametrize("kind", ["torch", "deepspeed"])
+def test_grad_cache_step_through_loop_and_engine_matches_plain(tiny_backbone, tmp_path, kind, request):
+    """Two optimizer steps with gradient accumulation 2: GradCache chunks count as engine micro-steps, in the
+    torch engine and in DeepSpeed ZeRO-2 (one rank here; tests/test_distributed.py's slow case runs 2 Ray
+    workers with gathered negatives)."""
+    if kind == "deepspeed":
+        request.getfixturevalue("single_process_group")
     data = synthetic_retrieval(n_docs=32, n_train=32)
     docs = [v["text"] for v in data["corpus"].values()]
     rows = [{"query": q, "positive": docs[i], "negatives": [docs[(i + 5) % 32]]}
@@ -79,9 +110,10 @@ def test_grad_cache_step_through_loop_and_engine_matches_plain(tiny_backbone, tm
         model = LBRModel.from_backbone(tiny_backbone, num_bottleneck=2, lora_r=4)
         cfg = load_train_config(None, ["stage=contrastive", "steps=2", "batch_size=4", "optim.grad_accum=2",
                                        "optim.lr=0.01", "optim.new_lr=0.03", "stage2.lam=0.2", "stage2.beta=0.01",
-                                       "stage2.num_negatives=1", "stage2.refine=bow", f"stage2.chunk_size={chunk}"])
-        engine = TorchEngine(model, cfg.optim, cfg.steps, cfg.micro_steps())
-        assert engine.micro_steps == (4 if chunk else 2)
+                                       "stage2.num_negatives=1", "stage2.refine=bow", f"stage2.chunk_size={chunk}",
+                                       f"engine.kind={kind}", "engine.zero=2"])
+        engine = _engine(kind, model, cfg)
+        assert cfg.micro_steps() == (4 if chunk else 2)
 
         def source(epoch, cfg=cfg, model=model):
             for s in range(0, len(rows), 4):
