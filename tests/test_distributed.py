@@ -181,8 +181,8 @@ def test_grad_cache_two_workers_zero2_gathered_negatives_equals_plain(ray_sessio
 
     torch.manual_seed(0)
     start = tmp_path / "start"
-    LBRModel.from_backbone(tiny_backbone, num_bottleneck=4, lora_r=4).save_pretrained(start)
-    m0 = LBRModel.from_pretrained(start)
+    m0 = LBRModel.from_backbone(tiny_backbone, num_bottleneck=4, lora_r=4)
+    m0.save_pretrained(start)
     beir = _write_beir(tmp_path / "beir")
     common = ["--workers", "2", "--zero", "2", "--steps", "4", "batch_size=4", "log_every=1", "optim.lr=0.003",
               "stage2.readout=joint", f"stage2.idf_corpus={beir / 'corpus.jsonl'}"]
@@ -197,7 +197,7 @@ def test_grad_cache_two_workers_zero2_gathered_negatives_equals_plain(ray_sessio
     w2, w2c = dict(models[0].named_parameters()), dict(models[1].named_parameters())
     moved = max(float((w2[n] - w).abs().max()) for n, w in m0.named_parameters())
     diff = max(float((w2c[n] - w).abs().max()) for n, w in w2.items())
-    assert moved > 1e-3 and diff < 1e-4, (diff, moved)          # measured: diff 8e-6, moved 7.5e-3
+    assert moved > 1e-3 and diff < 1e-4, (diff, moved)          # measured: diff 6e-7, moved 7.5e-3
 
 
 # ---------------------------------------------------------------------- fault tolerance

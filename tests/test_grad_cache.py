@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from pipeline.config import load_train_config
-from pipeline.train.engines import TorchEngine
 from pipeline.train.loop import train_loop
+from pipeline.train.ray_runner import make_engine
 from stages import LBRModel
 from stages.objectives import Stage2Config, compute_loss_stage2, grad_cache_stage2, stage2_arrays, to_tensors
 from stages.synthetic import synthetic_retrieval
@@ -68,29 +68,15 @@ def test_grad_cache_equals_plain_large_batch(tiny_backbone, pooling, cfg):
 
 
 @pytest.fixture
-def single_process_group(monkeypatch):
+def single_process_group(monkeypatch, tmp_path):
     """A one-rank gloo process group in this process (DeepSpeed needs one), torn down after the test."""
-    import socket
-
     import torch.distributed as dist
 
     for k, v in {"LOCAL_RANK": "0", "RANK": "0", "WORLD_SIZE": "1"}.items():
         monkeypatch.setenv(k, v)
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
     yield
     dist.destroy_process_group()
-
-
-def _engine(kind, model, cfg):
-    if kind == "torch":
-        return TorchEngine(model, cfg.optim, cfg.steps, cfg.micro_steps())
-    from pipeline.train.engines import DeepSpeedEngine
-
-    return DeepSpeedEngine(model, cfg, cfg.steps, world_size=1, use_cuda=False)
 
 
 @pytest.mark.parametrize("kind", ["torch", "deepspeed"])
@@ -112,8 +98,10 @@ def test_grad_cache_step_through_loop_and_engine_matches_plain(tiny_backbone, tm
                                        "optim.lr=0.01", "optim.new_lr=0.03", "stage2.lam=0.2", "stage2.beta=0.01",
                                        "stage2.num_negatives=1", "stage2.refine=bow", f"stage2.chunk_size={chunk}",
                                        f"engine.kind={kind}", "engine.zero=2"])
-        engine = _engine(kind, model, cfg)
-        assert cfg.micro_steps() == (4 if chunk else 2)
+        engine = make_engine(model, cfg, rank=0, world=1, use_cuda=False)
+        # engine micro-steps per optimizer step: accumulation x GradCache chunks
+        micro = engine.micro_steps if kind == "torch" else engine.engine.gradient_accumulation_steps()
+        assert micro == (4 if chunk else 2)
 
         def source(epoch, cfg=cfg, model=model):
             for s in range(0, len(rows), 4):
