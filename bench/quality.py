@@ -59,6 +59,8 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from stages.negatives import NegativeConfig
+
 DATA = Path(os.environ.get("LBR_SHARED_DATA", "/work/shared/data"))
 DATASETS = {
     "medquad": DATA / "medical/medquad/dev",
@@ -77,7 +79,9 @@ FIXED_READOUT = {"lbr_bottleneck_readout": "bottleneck"}
 NO_IDF = {"lbr_bottleneck_readout", "llm_cl_mean", "llm_cl_last"}
 ALWAYS_IDF = {"llm_cl_idf"}
 # training options added after results files were written, with the value those files were made with
-BUDGET_ADDED = {"chem_pairs": "chebi", "readout": "bottleneck", "idf": "none"}
+BUDGET_ADDED = {"chem_pairs": "chebi", "readout": "bottleneck", "idf": "none", "hard_negatives": "none"}
+# --hard-negatives bm25: the selection rule (margin in BM25 units: drop a candidate scoring above the pair itself)
+HARD_NEGATIVES = NegativeConfig(top_k=20, num_negatives=1, margin=0.0, range_min=2, range_max=20, seed=0)
 DATA_STAMP = "bench_data.sha1"      # sha1 of the training file a bench run folder was trained on
 METRICS = ("ndcg@10", "recall@100", "mrr@10")
 # pooling of the untrained backbone, at each --base-layers cut; with --idf corpus also the idf-weighted mean
@@ -238,6 +242,29 @@ def build_training_data(work: Path, per_domain_s1: int, per_domain_s2: int, seed
     return p1, p2, stdlib_dir / "eval", counts
 
 
+def add_bm25_negatives(p2: Path, seed: int) -> tuple[Path, dict]:
+    """`p2`'s pairs with one BM25-mined negative each (pipeline.lexical_negatives, HARD_NEGATIVES' rule, within
+    each domain), written beside it. A pair the rule leaves without a negative gets a random other positive of
+    its domain (seeded), counted in the returned report: nothing is dropped, nothing filled silently."""
+    from pipeline.lexical_negatives import mine_bm25_negatives
+
+    rows = list(read_jsonl(p2))
+    mined, rep = mine_bm25_negatives(rows, HARD_NEGATIVES, group_field="domain")
+    rng = random.Random(seed)
+    by_domain: dict = {}
+    for r in rows:
+        by_domain.setdefault(r["domain"], []).append(r["positive"])
+    for i in rep.short:
+        r = mined[i]
+        pool = [t for t in by_domain[r["domain"]] if t != r["positive"] and t not in r["negatives"]]
+        r["negatives"] = r["negatives"] + rng.sample(pool, HARD_NEGATIVES.num_negatives - len(r["negatives"]))
+    out = p2.with_name(p2.stem + "-bm25neg.jsonl")
+    write_jsonl(out, mined)
+    report = {"rule": dataclasses.asdict(HARD_NEGATIVES), "pairs": rep.rows, "mined": rep.with_negatives,
+              "filled_random": len(rep.short), "dropped_as_likely_false_negatives": rep.filtered_false_negatives}
+    return out, report
+
+
 def eval_sets(stdlib_eval: Path) -> dict:
     from pipeline.evaluate import load_beir
 
@@ -392,6 +419,8 @@ def train_cfg(stage: str, a, extra: list[str], steps: int):
         ov.append(f"optim.new_lr={a.new_lr}")
     if a.group_batches and stage == "contrastive":
         ov.append("data.group_field=domain")
+    if a.hard_negatives != "none" and stage == "contrastive":
+        ov.append(f"stage2.num_negatives={HARD_NEGATIVES.num_negatives}")
     if a.num_layers:
         ov.append(f"model.num_layers={a.num_layers}")
     return load_train_config(None, ov + list(a.train_override) + list(extra))
@@ -518,6 +547,9 @@ def main(argv=None) -> int:
     p.add_argument("--chem-pairs", choices=("chebi", "ict", "both"), default="chebi",
                    help="chemistry stage-2 pairs: ChEBI description->SMILES, inverse-cloze pairs from the chemistry "
                         "full-text passages (unlabelled text; pipeline.pseudo_pairs), or both")
+    p.add_argument("--hard-negatives", choices=("none", "bm25"), default="none",
+                   help="stage-2 hard negatives (every stage-2 method, LLM+CL too): none = in-batch only; bm25 = one "
+                        "negative per pair mined lexically from its own domain's pairs (pipeline.lexical_negatives)")
     p.add_argument("--idf", choices=("corpus", "none"), default="corpus",
                    help="token weights of the joint readout's mean: idf**2 fitted on the stage-1 text file "
                         "(corpus, default) or a plain mean (none); llm_cl_idf always uses them")
@@ -567,6 +599,9 @@ def main(argv=None) -> int:
     log("building training data")
     p1, p2, _, counts = build_training_data(work, a.per_domain_s1, a.per_domain_s2, a.seed,
                                             corpora=all_sets if a.stage1_corpora else None, chem_pairs=a.chem_pairs)
+    if a.hard_negatives == "bm25":
+        log("mining BM25 hard negatives for the stage-2 pairs")
+        p2, counts["stage2_hard_negatives"] = add_bm25_negatives(p2, a.seed)
 
     if tiny:
         from stages.tiny import build_tiny_backbone
@@ -591,7 +626,7 @@ def main(argv=None) -> int:
                   "stage1_context_len": a.context_len, "target_len": a.target_len, "query_len": a.query_len,
                   "doc_len": a.doc_len, "per_domain_stage1": a.per_domain_s1, "per_domain_stage2": a.per_domain_s2,
                   "group_batches": a.group_batches, "stage1_corpora": a.stage1_corpora,
-                  "chem_pairs": a.chem_pairs, "readout": a.readout, "idf": a.idf, "train_override": a.train_override, "seed": a.seed,
+                  "chem_pairs": a.chem_pairs, "hard_negatives": a.hard_negatives, "readout": a.readout, "idf": a.idf, "train_override": a.train_override, "seed": a.seed,
                   "engine": "torch (in-process, CPU)" if dev.type == "cpu" else
                             f"torch (in-process, {torch.cuda.get_device_name(dev)}, bf16 autocast)"},
         "eval": {"max_queries": a.max_queries, "max_corpus": a.max_corpus, "seed": a.seed,
