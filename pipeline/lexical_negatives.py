@@ -52,14 +52,15 @@ def mine_bm25_negatives(rows: Sequence[dict], cfg: NegativeConfig, group_field: 
         ids = [str(i) for i in idx]
         retriever = BM25Retriever(bm25 or BM25Config())
         retriever.index(ids, [rows[i][query_field] + "\n" + rows[i][positive_field] for i in idx])
-        # every candidate's score, so the row's own pair is scored wherever it ranks
-        ranked = retriever.search(ids, [rows[i][query_field] for i in idx], k=len(idx))
+        # top_k + 1: the candidates and, where it ranks among them, the row's own pair (O(rows x top_k) memory)
+        ranked = retriever.search(ids, [rows[i][query_field] for i in idx], k=cfg.top_k + 1)
         by_text: dict[str, set[str]] = defaultdict(set)
         for i in idx:
             by_text[rows[i][positive_field]].add(str(i))
         for i, rid in zip(idx, ids):
             hits = ranked.get(rid, {})
-            own = hits.get(rid, 0.0)    # 0: the pair shares no word with its query; any hit outscores it
+            # the own pair below every candidate (or sharing no word with its query): each of them outscores it
+            own = hits.get(rid, float("-inf"))
             cand = [(d, s) for d, s in hits.items() if d != rid][: cfg.top_k]
             sel = select_negatives(rid, rid, own, [d for d, _ in cand], [s for _, s in cand],
                                    by_text[rows[i][positive_field]], cfg)
