@@ -27,9 +27,13 @@ from stages.negatives import NegativeConfig, select_negatives
 @dataclass(frozen=True)
 class LexicalMiningReport:
     rows: int
-    with_negatives: int              # rows that got all num_negatives negatives
     filtered_false_negatives: int    # candidates in the window dropped as scoring like the positive
     short: list[int]                 # indices of rows left with fewer than num_negatives
+
+    @property
+    def with_negatives(self) -> int:
+        """Rows that got all num_negatives negatives."""
+        return self.rows - len(self.short)
 
 
 def mine_bm25_negatives(rows: Sequence[dict], cfg: NegativeConfig, group_field: str | None = "domain",
@@ -68,4 +72,4 @@ def mine_bm25_negatives(rows: Sequence[dict], cfg: NegativeConfig, group_field: 
             out[i]["negatives"] = [rows[int(d)][positive_field] for d in sel.negatives]
             if len(sel.negatives) < cfg.num_negatives:
                 short.append(i)
-    return out, LexicalMiningReport(len(rows), len(rows) - len(short), filtered, short)
+    return out, LexicalMiningReport(len(rows), filtered, short)
