@@ -522,7 +522,7 @@ def main(argv=None) -> int:
     p.add_argument("--lr2", type=float, default=None,
                    help="stage-2 lr of every contrastive run, LLM+CL included (default: --lr); the demo's "
                         "recipe sweep (bench/demo_recipe.py) found 1e-3 ahead of 2e-4 at 30-90 steps")
-    p.add_argument("--new-lr", type=float, default=None, help="lr of the new LBR parameters (default: --lr)")
+    p.add_argument("--new-lr", type=float, default=None, help="lr of the new LBR parameters (default: the stage's lr, --lr or --lr2)")
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--schedule", choices=("constant", "linear", "cosine"), default="constant",
                    help="lr after warmup; linear decay to 0 over 60 steps cost LLM+CL-mean 0.10 nDCG@10 (recipe-smollm2)")
