@@ -9,7 +9,8 @@ Writes bench/results/train_throughput.json and prints a table.
         [--runs 1x2,2x1,...] [--profile DIR]
 
 `--runs` picks the Ray runs (1x2 = ZeRO-2 1 worker x 2 CPUs, 2x1, zero0, zero2, zero3: 2 workers x 0.5
-CPU); `--profile DIR` writes cProfile stats of the in-process loop and of every Ray worker's loop there.
+CPU; diagnostics: 1x2pre = 1x2 with every batch pulled from Ray Data before the first step, 1x2torch = the
+same with the plain torch engine instead of DeepSpeed, inray = the in-process loop beside the running cluster); `--profile DIR` writes cProfile stats of the in-process loop and of every Ray worker's loop there.
 """
 from __future__ import annotations
 
@@ -33,6 +34,14 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 def steady_tokens_per_s(metrics: list[dict]) -> float:
     recs = metrics[1:] if len(metrics) > 1 else metrics
     return sum(r["tokens_per_s"] for r in recs) / max(1, len(recs))
+
+
+def wall_tokens_per_s(metrics: list[dict]) -> float | None:
+    """Tokens over wall time from the first logged step to the last: the steps plus everything between them
+    (logging, Ray Train reports) that tokens_per_s leaves out."""
+    if len(metrics) < 2 or "elapsed_s" not in metrics[0]:
+        return None
+    return sum(r["tokens"] for r in metrics[1:]) / (metrics[-1]["elapsed_s"] - metrics[0]["elapsed_s"])
 
 
 def main() -> None:
@@ -65,14 +74,16 @@ def main() -> None:
     rows = []
 
     def record(name, metrics, extra=None):
+        wall = wall_tokens_per_s(metrics)
         rows.append({"run": name, "tokens_per_s": round(steady_tokens_per_s(metrics), 1),
+                     "wall_tokens_per_s": None if wall is None else round(wall, 1),
                      "max_rss_mb": max((r.get("max_rss_mb", 0) for r in metrics), default=None), **(extra or {})})
         print(f"  {name}: {rows[-1]}", flush=True)
 
     import torch
 
     torch.set_num_threads(2)
-    cfg = load_train_config(None, common + ["engine.kind=torch"])
+    cfg = cfg_inproc = load_train_config(None, common + ["engine.kind=torch"])
     t0 = time.time()
     prof = None
     if a.profile:
@@ -100,21 +111,36 @@ def main() -> None:
             "2x1": ("ray+deepspeed zero2, 2 workers x 1 CPU", ["workers=2", "cpus_per_worker=1.0", "engine.zero=2"]),
             "zero0": ("ray+deepspeed zero0, 2 workers x 0.5 CPU", ["workers=2", "cpus_per_worker=0.5", "engine.zero=0"]),
             "zero2": ("ray+deepspeed zero2, 2 workers x 0.5 CPU", ["workers=2", "cpus_per_worker=0.5", "engine.zero=2"]),
-            "zero3": ("ray+deepspeed zero3, 2 workers x 0.5 CPU", ["workers=2", "cpus_per_worker=0.5", "engine.zero=3"])}
+            "zero3": ("ray+deepspeed zero3, 2 workers x 0.5 CPU", ["workers=2", "cpus_per_worker=0.5", "engine.zero=3"]),
+            # diagnostics of the 1 x 2 gap: input pre-pulled (no Ray Data beside the steps), DeepSpeed stage 0,
+            # the plain torch engine in the Ray worker, no metric-only ray.train.report calls
+            "1x2pre": ("ray+deepspeed zero2, 1 worker x 2 CPU, input preloaded",
+                       ["workers=1", "cpus_per_worker=2.0", "engine.zero=2"]),
+            "1x2zero0": ("ray+deepspeed zero0, 1 worker x 2 CPU", ["workers=1", "cpus_per_worker=2.0", "engine.zero=0"]),
+            "1x2torch": ("ray+torch engine, 1 worker x 2 CPU", ["workers=1", "cpus_per_worker=2.0", "engine.kind=torch"]),
+            "1x2-rep": ("ray+deepspeed zero2, 1 worker x 2 CPU, a metric report every logged step",
+                        ["workers=1", "cpus_per_worker=2.0", "engine.zero=2", "report_every=5"])}
     for key in a.runs.split(","):
+        if key == "inray":                           # the in-process loop again, beside the idle Ray cluster
+            t0 = time.time()
+            run_inprocess(cfg_inproc, backbone, corpus, tmp / "inray", overwrite=True, progress=False)
+            record("in-process torch, Ray cluster up", read_metrics(tmp / "inray" / "metrics.jsonl"),
+                   {"wall_s": round(time.time() - t0, 1)})
+            continue
         name, extra = runs[key]
         cfg = load_train_config(None, common + ["engine.kind=deepspeed"] + extra)
         t0 = time.time()
-        debug = None
+        debug = {"preload": True} if key == "1x2pre" else {}
         if a.profile:
-            debug = {"profile": str(Path(a.profile, key).resolve())}
+            debug["profile"] = str(Path(a.profile, key).resolve())
             Path(debug["profile"]).mkdir(parents=True, exist_ok=True)
         rep = run_ray(cfg, backbone, corpus, tmp / name.replace(" ", "_"), overwrite=True, max_failures=0,
-                      debug=debug)
+                      debug=debug or None)
         # workers=2: each worker logs its own tokens; rank 0 logs rank 0's, so the job's rate is x workers
         m = read_metrics(tmp / name.replace(" ", "_") / "metrics.jsonl")
         for r in m:
             r["tokens_per_s"] *= cfg.workers
+            r["tokens"] *= cfg.workers
         record(name, m, {"wall_s": round(time.time() - t0, 1), "fit_s": rep["fit_seconds"]})
 
     base = rows[0]["tokens_per_s"]
@@ -126,10 +152,13 @@ def main() -> None:
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     Path(a.out).write_text(json.dumps(result, indent=2) + "\n")
     print(f"\nRay start-up: {ray_start}s")
-    print("| run | tokens/s | vs in-process | max RSS per worker (MB) | wall s |\n|---|---|---|---|---|")
+    wbase = rows[0]["wall_tokens_per_s"]
+    print("| run | tokens/s (steps) | vs in-process | tokens/s (wall, first to last step) | vs in-process | "
+          "max RSS per worker (MB) | wall s |\n|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['run']} | {r['tokens_per_s']:.0f} | {r['tokens_per_s'] / base:.2f} | {r['max_rss_mb']} | "
-              f"{r.get('wall_s')} |")
+        w = r["wall_tokens_per_s"]
+        print(f"| {r['run']} | {r['tokens_per_s']:.0f} | {r['tokens_per_s'] / base:.2f} | {w:.0f} | {w / wbase:.2f} | "
+              f"{r['max_rss_mb']} | {r.get('wall_s')} |")
 
 
 if __name__ == "__main__":

@@ -99,6 +99,9 @@ class TrainConfig:
     seed: int = 0
     log_every: int = 1
     checkpoint_every: int = 0          # 0: only at the end
+    report_every: int = 0              # Ray path: metric-only ray.train.report every N steps (at logged steps);
+                                       # 0: reports only with checkpoints and dev evaluations. Each report blocks
+                                       # the workers until the controller polls; metrics.jsonl logs every step
     workers: int = 1
     cpus_per_worker: float = 0.5
     baseline: str | None = None        # llm_cl: stage 2 from a plain backbone (model.pooling last|mean;
@@ -117,6 +120,8 @@ class TrainConfig:
             raise ValueError(f"steps={self.steps} must be >= 1")
         if self.batch_size < 1:
             raise ValueError(f"batch_size={self.batch_size} must be >= 1")
+        if self.report_every < 0:
+            raise ValueError(f"report_every={self.report_every} must be >= 0 (0: only with checkpoints/evaluations)")
         if self.workers < 1:
             raise ValueError(f"workers={self.workers} must be >= 1")
         if self.baseline not in (None, "llm_cl"):

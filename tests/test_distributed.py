@@ -201,13 +201,29 @@ def test_grad_cache_two_workers_zero2_gathered_negatives_equals_plain(ray_sessio
 
 
 # ---------------------------------------------------------------------- fault tolerance
+def _report_log(path: str):
+    """A Ray Train callback (it runs in the controller) writing one JSON line per report the workers made;
+    defined in here so that cloudpickle ships the class by value."""
+    import ray.train
+
+    class ReportLog(ray.train.UserCallback):
+        def after_report(self, run_context, metrics, checkpoint):
+            with open(path, "a") as f:
+                f.write(json.dumps({"steps": [m.get("step") for m in metrics], "checkpoint": checkpoint is not None,
+                                    "has_loss": all("loss" in m for m in metrics)}) + "\n")
+    return ReportLog()
+
+
 def test_killed_worker_resumes_from_last_checkpoint(ray_session, tiny_backbone, tmp_path):
+    """Also: metric-only Ray Train reports follow report_every (every rank at the same steps), checkpoint
+    reports carry the last logged metrics, and metrics.jsonl still has every step."""
     from pipeline.train.ray_runner import run_ray
 
     corpus = _write_corpus(tmp_path / "corpus.jsonl")
     cfg = load_train_config(None, ["stage=generative", "steps=8", "workers=2", "batch_size=4", "log_every=1",
-                                   "checkpoint_every=3", "engine.kind=deepspeed", "engine.zero=2", "optim.lr=0.003",
-                                   "stage1.context_len=24", "stage1.target_len=8"])
+                                   "checkpoint_every=3", "report_every=2", "engine.kind=deepspeed", "engine.zero=2",
+                                   "optim.lr=0.003", "stage1.context_len=24", "stage1.target_len=8"])
+    report_log = tmp_path / "reports.jsonl"
     pid_file = tmp_path / "pid"
     killed = {}
 
@@ -223,12 +239,20 @@ def test_killed_worker_resumes_from_last_checkpoint(ray_session, tiny_backbone, 
     t = threading.Thread(target=killer, daemon=True)
     t.start()
     report = run_ray(cfg, tiny_backbone, corpus, tmp_path / "run", max_failures=2, pid_file=str(pid_file),
-                     debug={"pause_at_step": 5})
+                     debug={"pause_at_step": 5}, run_config_kwargs={"callbacks": [_report_log(str(report_log))]})
     t.join(5)
     assert "pid" in killed, "the worker was never paused for the kill"
     recs = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     steps = [r["step"] for r in recs]
     assert steps == list(range(1, 9)), steps                 # continued from step 3, no gap, no repeat
+    reports = [json.loads(x) for x in report_log.read_text().splitlines()]
+    assert all(len(set(r["steps"])) == 1 and r["has_loss"] for r in reports), reports   # ranks in step
+    metric_steps = [r["steps"][0] for r in reports if not r["checkpoint"]]
+    ckpt_steps = [r["steps"][0] for r in reports if r["checkpoint"]]
+    # first attempt: 2, ckpt 3, 4, then killed at 5 (a report not yet polled dies with it); the resumed one
+    # (from 3): 4, 6, ckpt 6, 8, ckpt 8. Never a metric-only report at an odd step.
+    assert metric_steps[-3:] == [4, 6, 8] and all(s % 2 == 0 for s in metric_steps), reports
+    assert ckpt_steps[-2:] == [6, 8] and set(ckpt_steps) <= {3, 6, 8}, reports
     assert report["steps"] == 8 and report["final"]["step"] == 8
     assert report["restarts"] >= 1
     LBRModel.from_pretrained(tmp_path / "run" / "model")

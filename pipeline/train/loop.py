@@ -51,8 +51,9 @@ def train_loop(model: LBRModel, engine, source: BatchSource, cfg: TrainConfig, *
 
     `model` is the unwrapped LBRModel; `engine(objective, ...)` runs the loss through the (possibly
     wrapped) module's forward, and owns backward/step.
-    `log(record)` gets {step, loss, <parts>, lr, tokens_per_s, data_s} (data_s: seconds of the interval spent
-    waiting for the input source, so an input-bound run shows itself); `checkpoint(step)` is called on every
+    `log(record)` gets {step, loss, <parts>, lr, tokens_per_s, tokens, data_s} (tokens_per_s: the interval's
+    tokens over its compute time, which excludes the previous `log` call itself; data_s: seconds of the interval
+    spent waiting for the input source, so an input-bound run shows itself); `checkpoint(step)` is called on every
     rank (DeepSpeed checkpoints are collective) every `cfg.checkpoint_every` steps and at the end.
     """
     model.train()
@@ -88,7 +89,7 @@ def train_loop(model: LBRModel, engine, source: BatchSource, cfg: TrainConfig, *
         if step % cfg.log_every == 0 or step == cfg.steps:
             dt = time.perf_counter() - t0
             last = {"step": step, **sums, "lr": engine.get_lr(), "tokens_per_s": tokens / dt if dt > 0 else 0.0,
-                    "data_s": round(waited, 4)}
+                    "tokens": tokens, "data_s": round(waited, 4)}
             if log is not None:
                 log(last)
             t0, tokens, waited = time.perf_counter(), 0, 0.0

@@ -63,6 +63,9 @@ def worker_fn(config: dict) -> None:
     torch.manual_seed(cfg.seed)
     # the first batch is fetched while the model loads and the engine starts (see stream.prefetched)
     source = prefetched(shard_source(ray.train.get_dataset_shard("train"), cfg.batch_size, seed=cfg.seed + rank))
+    debug = config.get("debug") or {}
+    if debug.get("preload"):
+        source = _preloaded(source, cfg.steps * cfg.optim.grad_accum)
     model = prepare_model(cfg, config["model_path"], config.get("token_weights")).to(device)
     engine = make_engine(model, cfg, rank, world, use_cuda)
 
@@ -82,11 +85,11 @@ def worker_fn(config: dict) -> None:
     if rank == 0:
         with open(out / ".attempts", "a") as f:          # one line per worker-group start: restarts = lines - 1
             f.write(f"{start}\n")
-    debug = config.get("debug") or {}
     if config.get("eval") and cfg.engine.kind == "deepspeed" and cfg.engine.zero == 3:
         raise ValueError("in-run dev evaluation needs full weights on every rank: use engine.zero <= 2 or ddp")
     evaluator = DevEvaluator(config["eval"]) if config.get("eval") else None
     last_eval: dict = {}
+    last_rec: dict = {}
 
     def log(rec: dict) -> None:
         due = evaluator is not None and evaluator.due(rec["step"], cfg.steps)
@@ -96,9 +99,15 @@ def worker_fn(config: dict) -> None:
             last_eval.update(evaluator(model))
             model.train()
         rec = {**rec, **last_eval, "max_rss_mb": _max_rss_mb()}
+        last_rec.clear()
+        last_rec.update(rec)
         if writer is not None:
             writer(rec)
-        if due or evaluator is None or not evaluator.report_only_eval:
+        # metrics.jsonl has every logged step; a Ray Train report is a barrier across ranks and blocks until
+        # the controller's next poll (0.5-1.5 s measured on 2 cores), so metric-only ones are paced by
+        # report_every (a step count: every rank reports at the same steps)
+        paced = cfg.report_every > 0 and rec["step"] % cfg.report_every == 0
+        if due or (paced and not (evaluator is not None and evaluator.report_only_eval)):
             ray.train.report({**rec, "stage": cfg.stage})
         if debug.get("pause_at_step") == rec["step"] and start == 0 and rank == world - 1:
             # fault-injection hook for the recovery test: park this worker until it is killed
@@ -110,7 +119,7 @@ def worker_fn(config: dict) -> None:
             engine.save(d, step)
             if rank == 0:
                 (Path(d) / STATE_FILE).write_text(json.dumps({"step": step, "stage": cfg.stage}))
-            ray.train.report({"step": step, "checkpoint_step": step, **last_eval},
+            ray.train.report({**last_rec, "stage": cfg.stage, "step": step, "checkpoint_step": step, **last_eval},
                              checkpoint=ray.train.Checkpoint.from_directory(d))
 
     profiler = None
@@ -128,6 +137,17 @@ def worker_fn(config: dict) -> None:
             profiler.dump_stats(str(Path(debug["profile"]) / f"rank{rank}.pstats"))
         if writer is not None:
             writer.close()
+
+
+def _preloaded(source, batches: int):
+    """Benchmark hook (debug `preload`): pull every batch the run will use out of Ray Data before the
+    first step, so the timed steps run with no input task or iterator thread beside them."""
+    epochs: list[list] = []
+    while sum(map(len, epochs)) < batches:
+        epochs.append(list(source(len(epochs))))
+        if not epochs[-1]:
+            break
+    return lambda epoch: iter(epochs[epoch] if epoch < len(epochs) else [])
 
 
 def _max_rss_mb() -> float:

@@ -71,12 +71,15 @@ class MetricsWriter:
         self.total = total_steps
 
     def __call__(self, rec: dict) -> None:
+        # wall seconds since the writer started: with `tokens`, the run's rate including time spent outside
+        # the steps (logging, Ray Train reports, evaluation), which tokens_per_s leaves out
+        rec = {**rec, "elapsed_s": round(time.time() - self.t0, 3)}
         with open(self.path, "a") as f:
             f.write(json.dumps(rec, sort_keys=True) + "\n")
         for k, v in rec.items():
-            if k != "step" and isinstance(v, (int, float)):
+            if k not in ("step", "elapsed_s") and isinstance(v, (int, float)):
                 self.tb.add_scalar(f"{self.stage}/{k}", v, rec["step"])
-        parts = " ".join(f"{k}={v:.4g}" for k, v in rec.items() if k not in ("step", "lr", "tokens_per_s"))
+        parts = " ".join(f"{k}={v:.4g}" for k, v in rec.items() if k not in ("step", "lr", "tokens_per_s", "tokens", "elapsed_s"))
         if self.bar is not None:
             self.bar.n = rec["step"]
             self.bar.set_postfix_str(f"{parts} tok/s={rec['tokens_per_s']:.0f}")
