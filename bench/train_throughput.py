@@ -9,14 +9,19 @@ Writes bench/results/train_throughput.json and prints a table.
         [--runs 1x2,2x1,...] [--profile DIR]
 
 `--runs` picks the Ray runs (1x2 = ZeRO-2 1 worker x 2 CPUs, 2x1, zero0, zero2, zero3: 2 workers x 0.5
-CPU; diagnostics: 1x2pre = 1x2 with every batch pulled from Ray Data before the first step, 1x2torch = the
-same with the plain torch engine instead of DeepSpeed, inray = the in-process loop beside the running cluster); `--profile DIR` writes cProfile stats of the in-process loop and of every Ray worker's loop there.
+CPU; diagnostics of the 1 x 2 gap: 1x2pre = every batch pulled from Ray Data before the first step, 1x2zero0 =
+DeepSpeed stage 0, 1x2torch = the plain torch engine in the Ray worker, 1x2-rep = a metric-only Ray Train
+report at every logged step, inray = the in-process loop again beside the running cluster; a key may repeat,
+to interleave repeats); `--profile DIR` writes cProfile stats of the in-process loop and of every Ray
+worker's loop there. Two rates per run: tokens/s over the steps' own time, and over the wall time from the
+first logged step to the last (which also counts logging and Ray Train reports).
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import statistics
 import sys
 import tempfile
 import time
@@ -144,21 +149,37 @@ def main() -> None:
         record(name, m, {"wall_s": round(time.time() - t0, 1), "fit_s": rep["fit_seconds"]})
 
     base = rows[0]["tokens_per_s"]
+    wbase = rows[0]["wall_tokens_per_s"]
+    by_run: dict[str, list[dict]] = {}
+    for r in rows:
+        by_run.setdefault(r["run"], []).append(r)
+    medians = {name: {"n": len(rs), "tokens_per_s": statistics.median(r["tokens_per_s"] for r in rs),
+                      "ratio": round(statistics.median(r["tokens_per_s"] for r in rs) / base, 3),
+                      "wall_tokens_per_s": statistics.median(r["wall_tokens_per_s"] for r in rs),
+                      "wall_ratio": round(statistics.median(r["wall_tokens_per_s"] for r in rs) / wbase, 3),
+                      "ratios": [round(r["tokens_per_s"] / base, 3) for r in rs]}
+               for name, rs in by_run.items()}
     result = {"machine": f"{os.cpu_count()} CPUs, no GPU", "torch_threads_inprocess": 2, "ray_start_s": ray_start,
               "model": {"hidden": a.hidden, "layers": a.layers, "bottleneck": 8},
               "batch_size": a.batch_size, "steps": a.steps, "seq": {"context": 96, "target": 32},
               "runs": rows, "ratio_ray_ds_1worker_vs_inprocess": round(rows[1]["tokens_per_s"] / base, 3)
-              if "1x2" in a.runs.split(",")[:1] else None}
+              if "1x2" in a.runs.split(",")[:1] else None, "median_by_run": medians}
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     Path(a.out).write_text(json.dumps(result, indent=2) + "\n")
     print(f"\nRay start-up: {ray_start}s")
-    wbase = rows[0]["wall_tokens_per_s"]
     print("| run | tokens/s (steps) | vs in-process | tokens/s (wall, first to last step) | vs in-process | "
           "max RSS per worker (MB) | wall s |\n|---|---|---|---|---|---|---|")
     for r in rows:
         w = r["wall_tokens_per_s"]
         print(f"| {r['run']} | {r['tokens_per_s']:.0f} | {r['tokens_per_s'] / base:.2f} | {w:.0f} | {w / wbase:.2f} | "
               f"{r['max_rss_mb']} | {r.get('wall_s')} |")
+
+    if any(m["n"] > 1 for m in medians.values()):
+        print("\nMedians over repeats (vs the in-process loop):\n| run | n | tokens/s (steps) | ratios | median "
+              "| wall ratio |\n|---|---|---|---|---|---|")
+        for name, m in medians.items():
+            print(f"| {name} | {m['n']} | {m['tokens_per_s']:.0f} | {m['ratios']} | {m['ratio']:.2f} | "
+                  f"{m['wall_ratio']:.2f} |")
 
 
 if __name__ == "__main__":
