@@ -27,6 +27,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from bench import proc_cpu
+
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -101,10 +103,12 @@ def main(argv=None) -> int:
     warm.write_text("".join(json.dumps(d) + "\n" for d in docs[: a.batch_size]))
     with tempfile.TemporaryDirectory(dir=work) as tmp:
         stage_corpus(warm, Path(tmp) / "warm", 1, str(model_dir), cfg, use_ray=True)
+        before = proc_cpu.snapshot()
         t = time.perf_counter()
         stage = stage_corpus(corpus, Path(tmp) / "emb", 1, str(model_dir), cfg, use_ray=True,
                              dim=local.shape[1])
         t_ray = time.perf_counter() - t
+        ray_cpu = proc_cpu.cpu_delta(before, proc_cpu.snapshot())
         got = count_rows(shard_files(stage, 0))
     if got != n:
         sys.exit(f"Ray path embedded {got} documents, expected {n}")
@@ -113,6 +117,7 @@ def main(argv=None) -> int:
            "rows_per_block": a.rows_per_block, "embedding_dim": int(local.shape[1]),
            "in_process_s": t_local, "in_process_docs_per_s": n / t_local,
            "ray_data_s": t_ray, "ray_data_docs_per_s": n / t_ray, "ratio": t_local / t_ray,
+           "ray_phase_cpu_s_by_process": ray_cpu,
            "load_avg_at_start": load, "load_avg_at_end": os.getloadavg(), "loaded": loaded,
            "python": platform.python_version(), "torch": torch.__version__}
     out = Path(a.out)
@@ -122,6 +127,8 @@ def main(argv=None) -> int:
     print("|---|---|---|---|---|")
     print(f"| {n} | {row['in_process_docs_per_s']:.1f} | {row['ray_data_docs_per_s']:.1f} | {row['ratio']:.2f} "
           f"| {load[0]:.2f}{' (LOADED: not a measurement)' if loaded else ''} |")
+    print(f"CPU seconds by process during the Ray call ({t_ray:.0f} s wall, {a.cpus} cores = "
+          f"{t_ray * (os.cpu_count() or 1):.0f} CPU s): " + ", ".join(f"{r['process']} {r['cpu_s']}" for r in ray_cpu))
     print(out)
     return 0
 

@@ -29,6 +29,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from bench import proc_cpu
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
@@ -139,14 +141,17 @@ def main() -> None:
         if a.profile:
             debug["profile"] = str(Path(a.profile, key).resolve())
             Path(debug["profile"]).mkdir(parents=True, exist_ok=True)
+        before = proc_cpu.snapshot()
         rep = run_ray(cfg, backbone, corpus, tmp / name.replace(" ", "_"), overwrite=True, max_failures=0,
                       debug=debug or None)
+        cpu = proc_cpu.cpu_delta(before, proc_cpu.snapshot(), top=8)
         # workers=2: each worker logs its own tokens; rank 0 logs rank 0's, so the job's rate is x workers
         m = read_metrics(tmp / name.replace(" ", "_") / "metrics.jsonl")
         for r in m:
             r["tokens_per_s"] *= cfg.workers
             r["tokens"] *= cfg.workers
-        record(name, m, {"wall_s": round(time.time() - t0, 1), "fit_s": rep["fit_seconds"]})
+        record(name, m, {"wall_s": round(time.time() - t0, 1), "fit_s": rep["fit_seconds"],
+                         "cpu_s_by_process": cpu})
 
     base = rows[0]["tokens_per_s"]
     wbase = rows[0]["wall_tokens_per_s"]
