@@ -62,7 +62,7 @@ def main(argv=None) -> int:
     import torch
 
     from pipeline.cluster import ensure_ray
-    from pipeline.index.embed import EmbedConfig, embed_texts_local, load_encoder
+    from pipeline.index.embed import ACTOR_CALL_BATCHES, EmbedConfig, embed_texts_local, load_encoder
     from pipeline.index.stage import count_rows, shard_files, stage_corpus
     from stages import LBRModel
     from stages.backbone import resolve_backbone
@@ -114,7 +114,8 @@ def main(argv=None) -> int:
         sys.exit(f"Ray path embedded {got} documents, expected {n}")
     row = {"benchmark": "embed_ratio", "backbone": a.backbone, "layers": a.layers, "max_length": a.max_length,
            "corpus": str(a.corpus), "docs": n, "batch_size": a.batch_size, "cpus": a.cpus, "actors": a.actors,
-           "rows_per_block": a.rows_per_block, "embedding_dim": int(local.shape[1]),
+           "rows_per_block": a.rows_per_block, "actor_call_rows": a.batch_size * ACTOR_CALL_BATCHES,
+           "embedding_dim": int(local.shape[1]),
            "in_process_s": t_local, "in_process_docs_per_s": n / t_local,
            "ray_data_s": t_ray, "ray_data_docs_per_s": n / t_ray, "ratio": t_local / t_ray,
            "ray_phase_cpu_s_by_process": ray_cpu,

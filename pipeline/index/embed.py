@@ -36,6 +36,12 @@ class Encoder(Protocol):
     def encode(self, texts: list[str], batch_size: int = 32) -> np.ndarray: ...
 
 
+# rows per Ray Data actor call = EmbedConfig.batch_size x this. The encoder sorts a call's texts by length before
+# batching, so a larger call pads less (MedQuAD dev vs one global sort: +14.5 % tokens at 64-row calls, +7.1 % at
+# 128, +1.6 % at 512); the call's rows are still encoded batch_size at a time.
+ACTOR_CALL_BATCHES = 32
+
+
 @dataclass(frozen=True)
 class EmbedConfig:
     """How the Ray Data embedding pass is sized.
@@ -209,7 +215,7 @@ def embed_to_parquet(model_ref: str | os.PathLike, ids: Sequence[str], texts: Se
     ds = ray.data.from_arrow(blocks)
     resources = {"num_gpus": 1} if use_gpu else {"num_cpus": cfg.num_cpus_per_actor}
     ds = ds.map_batches(_EncodeActor, fn_constructor_args=(str(model_ref), cfg.batch_size),
-                        batch_size=cfg.batch_size * 8, batch_format="pyarrow",
+                        batch_size=cfg.batch_size * ACTOR_CALL_BATCHES, batch_format="pyarrow",
                         compute=ray.data.ActorPoolStrategy(size=cfg.num_actors),
                         **resources)
     out = Path(out_dir)

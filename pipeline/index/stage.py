@@ -22,7 +22,14 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline.index.embed import EmbedConfig, content_hash, embed_texts_local, load_encoder, vector_array
+from pipeline.index.embed import (
+    ACTOR_CALL_BATCHES,
+    EmbedConfig,
+    content_hash,
+    embed_texts_local,
+    load_encoder,
+    vector_array,
+)
 from pipeline.index.shards import int_id, shard_of
 
 # rows written per Parquet write call when partitioning (split over the shards): bounds the files per shard
@@ -218,7 +225,7 @@ def stage_corpus(corpus: str | os.PathLike, stage: str | os.PathLike, num_shards
         resources = {"num_gpus": 1} if use_gpu else {"num_cpus": cfg.num_cpus_per_actor}
         ds = ds.map_batches(_StageEncodeActor, fn_constructor_args=(str(model_ref), cfg.batch_size, keep_text,
                                                                     actor_threads(cfg, use_gpu)),
-                            batch_size=cfg.batch_size * 8, batch_format="pyarrow",
+                            batch_size=cfg.batch_size * ACTOR_CALL_BATCHES, batch_format="pyarrow",
                             compute=ray.data.ActorPoolStrategy(size=cfg.num_actors), **resources)
     write_partitioned_ray(ds, stage, per_write)
     return stage
