@@ -41,4 +41,3 @@ def cpu_delta(before: dict, after: dict, top: int = 12) -> list[dict]:
             by[key] = by.get(key, 0.0) + d
     rows = sorted(by.items(), key=lambda kv: -kv[1])
     return [{"process": k, "cpu_s": round(v, 1)} for k, v in rows[:top]]
-
