@@ -104,7 +104,7 @@ def worker_fn(config: dict) -> None:
         if writer is not None:
             writer(rec)
         # metrics.jsonl has every logged step; a Ray Train report is a barrier across ranks and blocks until
-        # the controller's next poll (0.5-1.5 s measured on 2 cores), so metric-only ones are paced by
+        # the controller's next poll (0.8-1.5 s measured on 2 cores), so metric-only ones are paced by
         # report_every (a step count: every rank reports at the same steps)
         paced = cfg.report_every > 0 and rec["step"] % cfg.report_every == 0
         if due or (paced and not (evaluator is not None and evaluator.report_only_eval)):
