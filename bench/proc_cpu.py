@@ -1,4 +1,4 @@
-"""CPU seconds per process on this machine between two snapshots, from /proc (Linux).
+"""CPU seconds per process on this machine between two snapshots (psutil).
 
 Why: on a 2-core box the Ray path's slowdown is CPU taken by something beside the compute (the driver's Ray
 Data executor, Ray's own actors and agents). A snapshot before and after a timed phase says who took it.
@@ -6,26 +6,18 @@ Data executor, Ray's own actors and agents). A snapshot before and after a timed
 from __future__ import annotations
 
 import os
-from pathlib import Path
-
-_TICK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
 
 
 def snapshot() -> dict[int, tuple[str, float]]:
-    """{pid: (name, cpu seconds so far)} for every readable process (name: Ray's ray::<Actor> title, or comm)."""
+    """{pid: (name, user + system CPU seconds so far)} for every readable process; Ray's workers are named by
+    their `ray::<Actor>` title (as `bench/index_scale.py` reads them too)."""
+    import psutil
+
     out = {}
-    for d in Path("/proc").iterdir():
-        if not d.name.isdigit():
-            continue
-        try:
-            stat = (d / "stat").read_text()
-            cmd = (d / "cmdline").read_bytes().split(b"\0")[0].decode(errors="replace")
-        except OSError:
-            continue
-        comm = stat[stat.index("(") + 1: stat.rindex(")")]
-        fields = stat[stat.rindex(")") + 2:].split()
-        name = cmd.split(" ")[0] if cmd.startswith("ray::") else comm
-        out[int(d.name)] = (name[:60], (int(fields[11]) + int(fields[12])) / _TICK)
+    for p in psutil.process_iter(["name", "cpu_times"]):
+        t = p.info["cpu_times"]
+        if t is not None:
+            out[p.pid] = ((p.info["name"] or "?")[:60], t.user + t.system)
     return out
 
 

@@ -158,12 +158,11 @@ def main() -> None:
     by_run: dict[str, list[dict]] = {}
     for r in rows:
         by_run.setdefault(r["run"], []).append(r)
-    medians = {name: {"n": len(rs), "tokens_per_s": statistics.median(r["tokens_per_s"] for r in rs),
-                      "ratio": round(statistics.median(r["tokens_per_s"] for r in rs) / base, 3),
-                      "wall_tokens_per_s": statistics.median(r["wall_tokens_per_s"] for r in rs),
-                      "wall_ratio": round(statistics.median(r["wall_tokens_per_s"] for r in rs) / wbase, 3),
-                      "ratios": [round(r["tokens_per_s"] / base, 3) for r in rs]}
-               for name, rs in by_run.items()}
+    medians = {}
+    for name, rs in by_run.items():
+        tps, wall = statistics.median(r["tokens_per_s"] for r in rs), statistics.median(r["wall_tokens_per_s"] for r in rs)
+        medians[name] = {"n": len(rs), "tokens_per_s": tps, "ratio": round(tps / base, 3), "wall_tokens_per_s": wall,
+                         "wall_ratio": round(wall / wbase, 3), "ratios": [round(r["tokens_per_s"] / base, 3) for r in rs]}
     result = {"machine": f"{os.cpu_count()} CPUs, no GPU", "torch_threads_inprocess": 2, "ray_start_s": ray_start,
               "model": {"hidden": a.hidden, "layers": a.layers, "bottleneck": 8},
               "batch_size": a.batch_size, "steps": a.steps, "seq": {"context": 96, "target": 32},
