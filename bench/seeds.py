@@ -5,8 +5,9 @@ and each method's paired difference against a reference method, seed by seed.
     python -m bench.seeds bench/results/quality-smollm2.json bench/results/quality-smollm2-seed1.json \
         bench/results/quality-smollm2-seed2.json --methods lbr lbr_no_refine --ref lbr
 
-Writes bench/results/seeds-<backbone>.json (--out) and prints a markdown table. Files whose data or eval
-budget differ from the first one's (other than the training seed) are refused: they are not seeds.
+Writes bench/results/seeds-<X>.json for a first file quality-<X>.json (or --out) and prints a markdown table.
+Files whose data or eval budget differ from the first one's (other than the training seed) are refused: they
+are not seeds. An existing table made from other files or methods is not overwritten without --force.
 """
 from __future__ import annotations
 
@@ -16,7 +17,6 @@ import os
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
 METRIC = "ndcg@10"
 
 
@@ -84,15 +84,39 @@ def table(res: dict) -> str:
     return "\n".join(lines)
 
 
+def default_out(first: Path) -> Path:
+    """seeds-<X>.json beside quality-<X>.json: one table per setting, named after its seed-0 file."""
+    stem = first.stem.removeprefix("quality-")
+    return first.with_name(f"seeds-{stem}.json")
+
+
+def other_inputs(out: Path, res: dict) -> str | None:
+    """What an existing table at `out` was made from, when that is not what `res` is made from."""
+    if not out.exists():
+        return None
+    try:
+        old = json.loads(out.read_text())
+        made = (old["files"], sorted(old["rows"]))
+    except (ValueError, KeyError, TypeError):
+        return "something this script did not write"
+    if made == (res["files"], sorted(res["rows"])):
+        return None
+    return f"files {made[0]} and methods {made[1]}"
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("files", nargs="+", type=Path)
     p.add_argument("--methods", nargs="+", required=True)
     p.add_argument("--ref", default=None, help="paired differences against this method")
-    p.add_argument("--out", type=Path, default=None)
+    p.add_argument("--out", type=Path, default=None, help="default: seeds-<X>.json beside a first file quality-<X>.json")
+    p.add_argument("--force", action="store_true", help="overwrite a table made from other files or methods")
     a = p.parse_args(argv)
     res = spread(a.files, a.methods, a.ref)
-    out = a.out or ROOT / "bench" / "results" / f"seeds-{json.loads(a.files[0].read_text())['backbone']}.json"
+    out = a.out or default_out(a.files[0])
+    clash = other_inputs(out, res)
+    if clash and not a.force:
+        raise SystemExit(f"{out} exists and was made from {clash}; pass another --out, or --force to replace it")
     tmp = out.with_name(out.name + ".tmp")
     tmp.write_text(json.dumps(res, indent=2) + "\n")
     os.replace(tmp, out)

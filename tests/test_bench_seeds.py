@@ -33,3 +33,20 @@ def test_files_that_are_not_seeds_of_one_setting_are_refused(tmp_path):
         spread([a, _file(tmp_path, "c.json", 0, {"d1": {"m": 0.5}})], ["m"], None)
     with pytest.raises(ValueError, match="no ndcg@10 for q on d1"):
         spread([a], ["q"], None)
+
+
+def test_default_table_is_named_after_the_first_file_and_never_replaces_another(tmp_path):
+    from bench.seeds import main
+
+    a = _file(tmp_path, "quality-tiny-x.json", 0, {"d1": {"m": 0.5, "r": 0.4}})
+    b = _file(tmp_path, "quality-tiny-x-seed1.json", 1, {"d1": {"m": 0.3, "r": 0.4}})
+    assert main([str(a), str(b), "--methods", "m"]) == 0
+    table = tmp_path / "seeds-tiny-x.json"
+    made = json.loads(table.read_text())
+    assert made["files"] == [str(a), str(b)] and sorted(made["rows"]) == ["m"]
+    assert main([str(a), str(b), "--methods", "m"]) == 0          # the same inputs again: rewritten
+    with pytest.raises(SystemExit, match="exists and was made from"):
+        main([str(a), str(b), "--methods", "m", "r"])
+    assert sorted(json.loads(table.read_text())["rows"]) == ["m"]  # untouched
+    assert main([str(a), str(b), "--methods", "m", "r", "--force"]) == 0
+    assert sorted(json.loads(table.read_text())["rows"]) == ["m", "r"]
