@@ -29,7 +29,8 @@ def test_local_ray_listens_on_loopback_only(ray_session):
 
 
 def test_local_ray_workers_run_at_normal_priority(ray_session):
-    """Ray's default worker niceness (15) lets its own pollers preempt the trainer's threads (cluster.py)."""
+    """Ray's default worker niceness (+15) lets its own pollers preempt the trainer's threads (cluster.py): workers
+    run at the niceness of the process that started Ray (0 normally; `nice make test` starts everything higher)."""
     import os
 
     import ray
@@ -38,7 +39,7 @@ def test_local_ray_workers_run_at_normal_priority(ray_session):
     def niceness():
         return os.getpriority(os.PRIO_PROCESS, 0)
 
-    assert ray.get(niceness.remote()) == 0
+    assert ray.get(niceness.remote()) == os.getpriority(os.PRIO_PROCESS, 0)
 
 
 def test_ensure_ray_uses_the_loopback_options(monkeypatch):
