@@ -79,7 +79,7 @@ FIXED_READOUT = {"lbr_bottleneck_readout": "bottleneck"}
 NO_IDF = {"lbr_bottleneck_readout", "llm_cl_mean", "llm_cl_last"}
 ALWAYS_IDF = {"llm_cl_idf"}
 # training options added after results files were written, with the value those files were made with
-BUDGET_ADDED = {"chem_pairs": "chebi", "readout": "bottleneck", "idf": "none", "hard_negatives": "none",
+BUDGET_ADDED = {"chem_pairs": "chebi", "extra_pairs": [], "readout": "bottleneck", "idf": "none", "hard_negatives": "none",
                 "stage2_lr": None}
 # --hard-negatives bm25: the selection rule (margin in BM25 units: drop a candidate scoring above the pair itself)
 HARD_NEGATIVES = NegativeConfig(top_k=20, num_negatives=1, margin=0.0, range_min=2, range_max=20, seed=0)
@@ -175,14 +175,47 @@ def chebi_halves():
     return train, BeirView(corpus=corpus, queries=queries, qrels=qrels)
 
 
+def extra_pair_rows(spec: str, per_domain_s2: int, seed: int) -> tuple[str, list[dict]]:
+    """`DIR:GROUP` -> (name, stage-2 rows): every judged (query, relevant document) of the BEIR folder DIR
+    as a training pair in batch group GROUP, up to per_domain_s2 (seeded). Refuses the dev sets: their
+    queries and judgments are never training data."""
+    from pipeline.evaluate import load_beir
+
+    folder, sep, group = spec.rpartition(":")
+    if not sep or not folder or not group:
+        raise ValueError(f"--extra-pairs {spec!r}: expected DIR:GROUP (a BEIR folder and a batch group name)")
+    path = Path(folder).resolve()
+    for name, dev in DATASETS.items():
+        if dev is not None and (path == dev.resolve() or dev.resolve().is_relative_to(path)):
+            raise ValueError(f"--extra-pairs {spec!r}: {path} holds the {name} dev set; its queries and "
+                             "judgments are evaluation data, not training pairs")
+    data = load_beir(path)
+    rows = []
+    for q, rel in sorted(data.qrels.items()):
+        for d, grade in sorted(rel.items()):
+            if grade < 1 or q not in data.queries or d not in data.corpus:
+                continue
+            doc = data.corpus[d]
+            rows.append({"query": data.queries[q], "positive": (doc.get("title", "") + "\n" + doc["text"]).strip(),
+                         "domain": group})
+    if not rows:
+        raise ValueError(f"--extra-pairs {spec!r}: no judged (query, document) pair in {path}")
+    rng = random.Random(f"extra-pairs:{seed}:{path.name}")   # its own rng: the other pairs are drawn as without it
+    if len(rows) > per_domain_s2:
+        rows = rng.sample(rows, per_domain_s2)
+    return f"extra_{path.name}", rows
+
+
 def build_training_data(work: Path, per_domain_s1: int, per_domain_s2: int, seed: int, corpora: dict | None = None,
-                        chem_pairs: str = "chebi"):
+                        chem_pairs: str = "chebi", extra_pairs: tuple[str, ...] = ()):
     """Mixed multi-domain stage-1 text and stage-2 pairs (balanced, seeded); returns paths + counts.
 
     `corpora` ({name: BEIR view}): each dev set's corpus documents (never queries or qrels) are added to
     the stage-1 text, up to per_domain_s1 each. `chem_pairs`: the chemistry stage-2 pairs — ChEBI
     (description, SMILES), inverse-cloze pairs from the chemistry full-text passages (no titles, no
-    document identity: pipeline.pseudo_pairs), or both."""
+    document identity: pipeline.pseudo_pairs), or both. `extra_pairs` ("DIR:GROUP" each): judged pairs
+    of other BEIR folders (never a dev set) as stage-2 pairs of their own batch group (`extra_pair_rows`);
+    the stage-1 text and the other pairs are the same rows as without them."""
     from pipeline.pseudo_pairs import ict_pairs
     from pipeline.stdlib_code import build_stdlib_code
 
@@ -223,6 +256,9 @@ def build_training_data(work: Path, per_domain_s1: int, per_domain_s2: int, seed
     }
     if chem_pairs == "ict":
         s2["chebi_desc_smiles"] = []
+    for spec in extra_pairs:
+        name, rows = extra_pair_rows(spec, per_domain_s2, seed)
+        s2[name] = rows
     for name, view in sorted((corpora or {}).items()):
         docs = sorted(view.corpus.items())
         s1[f"{name}_corpus"] = [{"_id": f"{name}:{k}", "text": (d.get("title", "") + "\n" + d["text"]).strip()}
@@ -552,6 +588,10 @@ def main(argv=None) -> int:
     p.add_argument("--chem-pairs", choices=("chebi", "ict", "both"), default="chebi",
                    help="chemistry stage-2 pairs: ChEBI description->SMILES, inverse-cloze pairs from the chemistry "
                         "full-text passages (unlabelled text; pipeline.pseudo_pairs), or both")
+    p.add_argument("--extra-pairs", nargs="*", default=[], metavar="DIR:GROUP",
+                   help="more stage-2 pairs for every contrastive run: each BEIR folder's judged (query, document) "
+                        "pairs, up to --per-domain-s2, in batch group GROUP (e.g. ../shared/data/medical/"
+                        "pubmedqa_pqal:sciqa, scientific question -> abstract); a dev set is refused")
     p.add_argument("--hard-negatives", choices=("none", "bm25"), default="none",
                    help="stage-2 hard negatives (every stage-2 method, LLM+CL too): none = in-batch only; bm25 = one "
                         "negative per pair mined lexically from its own domain's pairs (pipeline.lexical_negatives)")
@@ -603,7 +643,8 @@ def main(argv=None) -> int:
     extra_sets = {f"{d.parent.name}/{d.name}" if d.name in ("dev", "test") else d.name: load_beir(d) for d in a.eval}
     log("building training data")
     p1, p2, _, counts = build_training_data(work, a.per_domain_s1, a.per_domain_s2, a.seed,
-                                            corpora=all_sets if a.stage1_corpora else None, chem_pairs=a.chem_pairs)
+                                            corpora=all_sets if a.stage1_corpora else None, chem_pairs=a.chem_pairs,
+                                            extra_pairs=tuple(a.extra_pairs))
     if a.hard_negatives == "bm25":
         log("mining BM25 hard negatives for the stage-2 pairs")
         p2, counts["stage2_hard_negatives"] = add_bm25_negatives(p2, a.seed)
@@ -631,7 +672,7 @@ def main(argv=None) -> int:
                   "stage1_context_len": a.context_len, "target_len": a.target_len, "query_len": a.query_len,
                   "doc_len": a.doc_len, "per_domain_stage1": a.per_domain_s1, "per_domain_stage2": a.per_domain_s2,
                   "group_batches": a.group_batches, "stage1_corpora": a.stage1_corpora,
-                  "chem_pairs": a.chem_pairs, "hard_negatives": a.hard_negatives, "readout": a.readout, "idf": a.idf, "train_override": a.train_override, "seed": a.seed,
+                  "chem_pairs": a.chem_pairs, "extra_pairs": a.extra_pairs, "hard_negatives": a.hard_negatives, "readout": a.readout, "idf": a.idf, "train_override": a.train_override, "seed": a.seed,
                   "engine": "torch (in-process, CPU)" if dev.type == "cpu" else
                             f"torch (in-process, {torch.cuda.get_device_name(dev)}, bf16 autocast)"},
         "eval": {"max_queries": a.max_queries, "max_corpus": a.max_corpus, "seed": a.seed,
