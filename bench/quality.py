@@ -180,6 +180,7 @@ def extra_pair_rows(spec: str, per_domain_s2: int, seed: int) -> tuple[str, list
     as a training pair in batch group GROUP, up to per_domain_s2 (seeded). Refuses the dev sets: their
     queries and judgments are never training data."""
     from pipeline.evaluate import load_beir
+    from stages.readers import beir_pairs
 
     folder, sep, group = spec.rpartition(":")
     if not sep or not folder or not group:
@@ -189,15 +190,8 @@ def extra_pair_rows(spec: str, per_domain_s2: int, seed: int) -> tuple[str, list
         if dev is not None and (path == dev.resolve() or dev.resolve().is_relative_to(path)):
             raise ValueError(f"--extra-pairs {spec!r}: {path} holds the {name} dev set; its queries and "
                              "judgments are evaluation data, not training pairs")
-    data = load_beir(path)
-    rows = []
-    for q, rel in sorted(data.qrels.items()):
-        for d, grade in sorted(rel.items()):
-            if grade < 1 or q not in data.queries or d not in data.corpus:
-                continue
-            doc = data.corpus[d]
-            rows.append({"query": data.queries[q], "positive": (doc.get("title", "") + "\n" + doc["text"]).strip(),
-                         "domain": group})
+    rows = [{"query": r["query"], "positive": r["positive"], "domain": group}
+            for r in sorted(beir_pairs(load_beir(path)), key=lambda r: (r["query_id"], r["doc_id"]))]
     if not rows:
         raise ValueError(f"--extra-pairs {spec!r}: no judged (query, document) pair in {path}")
     rng = random.Random(f"extra-pairs:{seed}:{path.name}")   # its own rng: the other pairs are drawn as without it
