@@ -576,9 +576,10 @@ def main(argv=None) -> int:
     p.add_argument("--group-batches", action=argparse.BooleanOptionalAction, default=True,
                    help="stage-2 batches from one domain each (data.group_field): same-domain in-batch negatives")
     p.add_argument("--per-domain-s2", type=int, default=600)
-    p.add_argument("--readout", choices=("joint", "bottleneck"), default="joint",
+    p.add_argument("--readout", choices=("joint", "dual", "bottleneck"), default="joint",
                    help="embedding of every LBR method: W_mu(mean over text and bottleneck rows) (joint, default "
-                        "since it measured +0.08 mean nDCG@10) or normalize(mean_k mu_k) (bottleneck, the first reading)")
+                        "since it measured +0.08 mean nDCG@10), dual = normalize(that) + normalize(the unprojected mean) "
+                        "(stages.model.READOUTS), or normalize(mean_k mu_k) (bottleneck, the first reading)")
     p.add_argument("--chem-pairs", choices=("chebi", "ict", "both"), default="chebi",
                    help="chemistry stage-2 pairs: ChEBI description->SMILES, inverse-cloze pairs from the chemistry "
                         "full-text passages (unlabelled text; pipeline.pseudo_pairs), or both")

@@ -35,7 +35,7 @@ class ModelConfig:
     head_init: str = "identity"        # identity | random (the variational head's mu at step 0)
     bottleneck_init: str = "prompt"    # prompt | random (the K new rows at step 0)
     bottleneck_prompt: str = DEFAULT_BOTTLENECK_PROMPT
-    readout: str = "bottleneck"        # bottleneck | joint (stages.model.READOUTS)
+    readout: str = "bottleneck"        # bottleneck | joint | dual (stages.model.READOUTS)
 
 
 @dataclass(frozen=True)

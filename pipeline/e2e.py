@@ -124,10 +124,12 @@ def load_pipeline_config(path: str | Path, overrides: list[str] | None = None) -
     cfg = from_dict(PipelineConfig, deep_merge(load_yaml(path), parse_overrides(overrides or [])))
     cfg.stage_config("generative")
     s2 = cfg.stage_config("contrastive")
-    if cfg.idf == "stage1" and s2.stage2.readout != "joint" and not (s2.baseline == "llm_cl"
+    from stages.model import MEAN_READOUTS
+
+    if cfg.idf == "stage1" and s2.stage2.readout not in MEAN_READOUTS and not (s2.baseline == "llm_cl"
                                                                      and s2.model.pooling == "mean"):
         # checked here, not when stage 2 starts after stage 1 has trained
-        raise ValueError("idf=stage1 weights the joint readout's mean: it needs stage2.stage2.readout=joint "
+        raise ValueError("idf=stage1 weights the joint readout's mean: it needs stage2.stage2.readout=joint or dual "
                          f"(got {s2.stage2.readout!r})")
     if cfg.mining.enabled:
         cfg.stage_config("contrastive", warmup=True)

@@ -33,8 +33,13 @@ from stages.io import atomic_dir
 POOLINGS = ("bottleneck", "last", "mean")
 # what the embedding reads with bottleneck pooling: "bottleneck" = normalize(mean_k mu_k) (the compressed
 # representation alone); "joint" = normalize(W_mu mean(h over text AND bottleneck positions) + b), i.e. the
-# K mu_k pooled together with the text states mapped through the same head (why: measured, README)
-READOUTS = ("bottleneck", "joint")
+# K mu_k pooled together with the text states mapped through the same head (why: measured, README);
+# "dual" = normalize(W_mu m + b) + normalize(m) with m that same mean: the head's unit vector plus the
+# unprojected one. Why: W_mu acts as a projection head (as in SimCLR) — contrastive training on the domains
+# with pairs squeezes the directions only a pair-less domain needs (smallest singular value ~0.007 after
+# 480 steps); the second term keeps every direction of the text states in the similarity (README)
+READOUTS = ("bottleneck", "joint", "dual")
+MEAN_READOUTS = ("joint", "dual")          # the readouts built on the mean over text and bottleneck rows
 # how the text rows enter a mean (joint readout, mean pooling): "none" = plain mean; "idf" = weighted by a
 # per-token weight fitted on a domain corpus (idf ** power, scaled so the corpus's average token weighs 1,
 # as a bottleneck row does). Why: a plain mean lets frequent tokens dominate and blurs the rare domain
@@ -49,6 +54,13 @@ DEFAULT_BOTTLENECK_PROMPT = "\nIn short, the text above is about"
 CONFIG_NAME = "lbr_config.json"
 WEIGHTS_NAME = "model.safetensors"
 ST_MODULES = [{"idx": 0, "name": "0", "path": "", "type": "stages.st_module.LBRSentenceModule"}]
+
+
+def _check_dual(config: LBRConfig, hidden: int) -> None:
+    dz = config.latent_dim or hidden
+    if config.readout == "dual" and dz != hidden:
+        raise ValueError(f"readout='dual' adds the head's output to the unprojected mean: it needs "
+                         f"latent_dim == the backbone's hidden size {hidden} (got latent_dim={dz})")
 
 
 @dataclass(frozen=True)
@@ -91,7 +103,7 @@ class LBRConfig:
             raise ValueError(f"readout={self.readout!r} needs bottleneck pooling (got pooling={self.pooling!r})")
         if self.token_weighting not in TOKEN_WEIGHTINGS:
             raise ValueError(f"token_weighting={self.token_weighting!r} must be one of {TOKEN_WEIGHTINGS}")
-        if self.token_weighting != "none" and not (self.pooling == "mean" or self.readout == "joint"):
+        if self.token_weighting != "none" and not (self.pooling == "mean" or self.readout in MEAN_READOUTS):
             raise ValueError(f"token_weighting={self.token_weighting!r} weights a mean over text rows: it needs "
                              f"mean pooling or the joint readout (got pooling={self.pooling!r}, "
                              f"readout={self.readout!r})")
@@ -134,6 +146,7 @@ class LBRModel(nn.Module):
         d = lm.config.hidden_size
         dz = config.latent_dim or d
         k = config.num_bottleneck
+        _check_dual(config, d)
         if k > 0:
             emb = lm.get_input_embeddings().weight.detach().float()
             self.bottleneck = nn.Parameter(_initial_rows(emb, k, tokenizer, config))
@@ -152,6 +165,14 @@ class LBRModel(nn.Module):
         self.token_weight_info: dict | None = None     # summary of the last idf fit (run reports)
         if config.token_weighting != "none":
             self._add_token_weight()
+
+    def set_readout(self, readout: str) -> None:
+        """Switch the embedding's readout (stage 2's choice; it travels with the saved config)."""
+        from dataclasses import replace
+
+        cfg = replace(self.config, readout=readout)        # LBRConfig validates the name and pooling
+        _check_dual(cfg, self.hidden_size)
+        self.config = cfg
 
     def _enable_token_weighting(self) -> None:
         """Switch the config to idf (validates pooling/readout) and add the buffer, once."""
@@ -314,12 +335,15 @@ class LBRModel(nn.Module):
                 out.z = out.mu + torch.exp(0.5 * out.logvar) * eps
             else:
                 out.z = out.mu
-            if self.config.readout == "joint":
+            if self.config.readout in MEAN_READOUTS:
                 # text and bottleneck rows, no padding; a bottleneck row weighs 1 (an average token)
                 w = mask.float()
                 if self.config.token_weighting != "none":
                     w = torch.where(is_tok, self.token_weight[input_ids.gather(1, tok_idx)], w)
-                out.pooled = self.w_mu(_masked_mean(hidden, w))
+                m = _masked_mean(hidden, w)
+                out.pooled = self.w_mu(m)
+                if self.config.readout == "dual":
+                    out.pooled = F.normalize(out.pooled, dim=-1) + F.normalize(m.to(out.pooled.dtype), dim=-1)
         elif self.config.pooling == "last":
             out.pooled = hidden[torch.arange(b, device=hidden.device), lengths - 1]
         else:

@@ -71,7 +71,7 @@ class Stage2Config:
     num_negatives: int = 0          # hard negatives per query taken from the data (0: in-batch only)
     refine: str = "decode"          # decode | bow: the form of L_comp on the positives (as stage1.comp)
     chunk_size: int = 0             # GradCache: embed in chunks of this many rows (0: plain, one pass)
-    readout: str | None = None      # None: the stage-1 model's; bottleneck | joint (stages.model.READOUTS)
+    readout: str | None = None      # None: the stage-1 model's; bottleneck | joint | dual (stages.model.READOUTS)
     idf_corpus: str | None = None   # corpus (stage-1 formats) to fit idf token weights of the mean on at the
                                     # start (stages.model.TOKEN_WEIGHTINGS); None: keep the start model's
     idf_power: float = 2.0          # weight = idf ** power (2 measured best of 1/2/3 on the dev sets)

@@ -14,6 +14,8 @@ stock modules, exactly and for any K:
 * mean_k (W_mu h_k + b) = W_mu (mean_k h_k) + b, so one `Dense` with identity activation is mu's mean;
 * `Normalize`.
 
+The dual readout (stages.model.READOUTS) is refused: it sums two separately normalised vectors.
+
 The joint readout (W_mu applied to the mean over text *and* bottleneck rows) is the same without
 `WordWeights`; with idf token weights (LBRConfig.token_weighting) a `WordWeights` carries them (bottleneck
 rows 1), and Pooling(mean) divides by their sum exactly as `encode_batch` does.
@@ -83,6 +85,11 @@ def export_sentence_transformers(model: LBRModel | str | Path, out: str | Path, 
     )
 
     lbr = copy.deepcopy(model) if isinstance(model, LBRModel) else LBRModel.from_pretrained(model)
+    if lbr.config.readout == "dual":
+        # the sum of two separately normalised vectors has no stock module; the model folder itself loads
+        # in SentenceTransformer through stages.st_module (the lbr package installed)
+        raise ValueError("readout='dual' (normalize(W_mu m + b) + normalize(m)) has no stock sentence-transformers "
+                         "form; load the model folder with SentenceTransformer(path) and the lbr package installed")
     lbr.eval()
     want = lbr.encode(CHECK_TEXTS, batch_size=3) if check else None
     k = lbr.num_bottleneck

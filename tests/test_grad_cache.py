@@ -30,18 +30,20 @@ CASES = [
                                 target_len=8)),
     ("bottleneck", Stage2Config(tau=0.05, lam=0.3, beta=0.0, num_negatives=0, chunk_size=2, refine="bow")),
     ("joint", Stage2Config(tau=0.05, lam=0.3, beta=0.1, num_negatives=1, chunk_size=3, refine="bow")),
+    ("dual", Stage2Config(tau=0.05, lam=0.3, beta=0.1, num_negatives=1, chunk_size=3, refine="bow")),
     ("last", Stage2Config(tau=0.05, lam=0.0, beta=0.0, num_negatives=1, chunk_size=2)),
     ("mean", Stage2Config(tau=0.05, lam=0.0, beta=0.0, num_negatives=0, chunk_size=4)),
 ]
 
 
-@pytest.mark.parametrize("pooling,cfg", CASES, ids=["lbr-decode-negs", "lbr-bow", "lbr-joint-readout-negs", "llmcl-last-negs",
+@pytest.mark.parametrize("pooling,cfg", CASES, ids=["lbr-decode-negs", "lbr-bow", "lbr-joint-readout-negs",
+                                                      "lbr-dual-readout-negs", "llmcl-last-negs",
                                                       "llmcl-mean"])
 def test_grad_cache_equals_plain_large_batch(tiny_backbone, pooling, cfg):
     torch.manual_seed(0)
-    k = 3 if pooling in ("bottleneck", "joint") else 0
-    readout = {"readout": "joint"} if pooling == "joint" else {}
-    pooling = "bottleneck" if pooling == "joint" else pooling
+    k = 3 if pooling in ("bottleneck", "joint", "dual") else 0
+    readout = {"readout": pooling} if pooling in ("joint", "dual") else {}
+    pooling = "bottleneck" if readout else pooling
     model = LBRModel.from_backbone(tiny_backbone, num_bottleneck=k, pooling=pooling, lora_r=4, **readout)
     model.train()
     batch = _batch(model, cfg)

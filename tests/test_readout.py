@@ -172,3 +172,52 @@ def test_idf_corpus_is_read_from_a_uri_in_any_stage1_layout(tiny_backbone, tmp_p
     torch.testing.assert_close(weights(f"file://{tmp_path / 'pq'}"), local)
     with pytest.raises(FileNotFoundError, match="does not exist"):
         weights(f"file://{tmp_path / 'missing.jsonl'}")
+
+
+# ---------------------------------------------------------------------- dual readout
+def test_dual_readout_adds_the_unprojected_mean_to_the_heads_unit_vector(tiny_backbone, tmp_path):
+    """normalize(normalize(W_mu m + b) + normalize(m)): a head that squeezes a direction of m to zero
+    still leaves that direction in the embedding (the joint readout loses it)."""
+    torch.manual_seed(0)
+    m = LBRModel.from_backbone(tiny_backbone, num_bottleneck=3, readout="dual")
+    d = m.hidden_size
+    with torch.no_grad():                      # a rank-1 head: joint embeddings of all texts are parallel
+        m.w_mu.weight.copy_(torch.outer(torch.ones(d), torch.randn(d)))
+        m.w_mu.bias.zero_()
+    m.eval()
+    ids, mask = pad_right(m.tokenize(TEXTS), m.tokenizer.pad_token_id)
+    with torch.no_grad():
+        enc = m.encode_batch(ids, mask)
+        got = m.embed_from_encoded(enc)
+        k, nz = m.num_bottleneck, torch.nn.functional.normalize
+        want = []
+        for i, n in enumerate(mask.sum(1).tolist()):
+            mean = enc.hidden[i, : n + k].mean(0)
+            want.append(nz(nz(m.w_mu(mean), dim=-1) + nz(mean, dim=-1), dim=-1))
+    torch.testing.assert_close(got, torch.stack(want), atol=1e-5, rtol=0)
+    sims = got @ got.T
+    assert sims[~torch.eye(len(TEXTS), dtype=torch.bool)].abs().max() < 0.999    # texts still told apart
+    m.set_readout("joint")
+    joint = m.embed_from_encoded(m.encode_batch(ids, mask)).detach()
+    assert (joint @ joint.T).abs().min() > 0.999                                   # the rank-1 head alone cannot
+    m.set_readout("dual")
+    alone = np.stack([m.encode([t])[0] for t in TEXTS])
+    mixed = m.encode(TEXTS[::-1] + ["x " * 50], batch_size=5)[:4][::-1]
+    np.testing.assert_allclose(alone, mixed, atol=1e-5)                           # padding- and batch-invariant
+    m.save_pretrained(tmp_path / "dual")
+    np.testing.assert_allclose(LBRModel.from_pretrained(tmp_path / "dual").encode(TEXTS), m.encode(TEXTS), atol=1e-6)
+
+
+def test_dual_readout_refuses_a_latent_size_it_cannot_add(tiny_backbone, tmp_path):
+    with pytest.raises(ValueError, match="readout='dual'.*latent_dim"):
+        LBRModel.from_backbone(tiny_backbone, num_bottleneck=2, latent_dim=16, readout="dual")
+    torch.manual_seed(0)
+    LBRModel.from_backbone(tiny_backbone, num_bottleneck=2, latent_dim=16).save_pretrained(tmp_path / "s1")
+    with pytest.raises(ValueError, match="readout='dual'.*latent_dim"):             # stage 2's switch checks too
+        prepare_model(load_train_config(None, ["stage=contrastive", "stage2.readout=dual"]), tmp_path / "s1")
+    from stages.st_export import export_sentence_transformers
+
+    dual = LBRModel.from_backbone(tiny_backbone, num_bottleneck=2, readout="dual")
+    with pytest.raises(ValueError, match="no stock sentence-transformers"):
+        export_sentence_transformers(dual, tmp_path / "st")
+    assert not (tmp_path / "st").exists()

@@ -96,7 +96,7 @@ def prepare_model(cfg: TrainConfig, model_path: str | Path, token_weights: str |
         model = LBRModel.from_pretrained(model_path)
         if cfg.stage2.readout and cfg.stage2.readout != model.config.readout:
             # the readout is part of the saved config: stage 2's choice travels with the model it writes
-            model.config = dataclasses.replace(model.config, readout=cfg.stage2.readout)
+            model.set_readout(cfg.stage2.readout)
         return _with_stage2_weights(model, cfg, token_weights)
     if is_lbr_folder(model_path):
         return LBRModel.from_pretrained(model_path)          # continue stage 1 from an earlier run
