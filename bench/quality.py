@@ -27,8 +27,10 @@ idf-weighted mean, over the --base-layers cuts; which one is recorded), llm_cl_l
 and the ablations lbr_no_ib (beta=0 both stages), lbr_no_refine (lambda=0; shares lbr's stage 1),
 lbr_plain_lm (stage 1 = plain LM, then normal stage 2), cl_bottleneck (no stage 1: the fresh K-row
 bottleneck trained by stage 2 alone with lambda = beta = 0), and lbr_bottleneck_readout (lbr read by
-normalize(mean_k mu_k), the first reading of the paper). Every LBR method's embedding is --readout:
-joint (default) = W_mu applied to the mean over the text and bottleneck rows; bottleneck = mean_k mu_k.
+normalize(mean_k mu_k), the first reading of the paper), lbr_joint_readout (lbr trained and read through
+the joint readout). Every other LBR method's embedding is --readout: joint (default) = W_mu applied to the
+mean over the text and bottleneck rows; dual = normalize(that) + normalize(the mean itself); bottleneck =
+mean_k mu_k.
 With --idf corpus (default) that mean weights each text token by its idf ** 2 on the stage-1 text
 (unlabelled; stage2.idf_corpus), so rare domain terms are not drowned by frequent ones.
 
@@ -71,9 +73,9 @@ DATASETS = {
 }
 # also the run order (= priority): cheap baselines, then the head-to-head (LBR vs LLM+CL), then the ablations
 METHODS = ("bm25", "minilm", "base", "lbr", "llm_cl_idf", "llm_cl_mean", "llm_cl_last", "cl_bottleneck",
-           "lbr_no_refine", "lbr_no_ib", "lbr_plain_lm", "lbr_bottleneck_readout")
+           "lbr_no_refine", "lbr_no_ib", "lbr_plain_lm", "lbr_bottleneck_readout", "lbr_joint_readout")
 # the readout of every LBR method's stage 2 is --readout, except these (fixed by what they ablate)
-FIXED_READOUT = {"lbr_bottleneck_readout": "bottleneck"}
+FIXED_READOUT = {"lbr_bottleneck_readout": "bottleneck", "lbr_joint_readout": "joint"}
 # idf token weights of the mean (--idf): what each method's readout allows. LLM+CL's mean/last rows are the
 # issue's baselines as defined (plain pooling); llm_cl_idf is LLM+CL with the same weighted mean as LBR
 NO_IDF = {"lbr_bottleneck_readout", "llm_cl_mean", "llm_cl_last"}
@@ -104,6 +106,8 @@ STAGE2_RUNS = {
     "lbr": ("s1_ib", []),
     # lbr with the old readout normalize(mean_k mu_k) whatever --readout says (stage 2 trains through it too)
     "lbr_bottleneck_readout": ("s1_ib", []),
+    # lbr read (and trained) through the joint readout W_mu(mean) whatever --readout says: the ablation of dual
+    "lbr_joint_readout": ("s1_ib", []),
     "lbr_no_refine": ("s1_ib", ["stage2.lam=0"]),
     "lbr_no_ib": ("s1_noib", ["stage2.beta=0"]),
     "lbr_plain_lm": ("s1_lm", []),

@@ -86,10 +86,10 @@ def export_sentence_transformers(model: LBRModel | str | Path, out: str | Path, 
 
     lbr = copy.deepcopy(model) if isinstance(model, LBRModel) else LBRModel.from_pretrained(model)
     if lbr.config.readout == "dual":
-        # the sum of two separately normalised vectors has no stock module; the model folder itself loads
-        # in SentenceTransformer through stages.st_module (the lbr package installed)
+        # the sum of two separately normalised vectors has no stock module
         raise ValueError("readout='dual' (normalize(W_mu m + b) + normalize(m)) has no stock sentence-transformers "
-                         "form; load the model folder with SentenceTransformer(path) and the lbr package installed")
+                         "form; encode with LBRModel.from_pretrained(folder).encode, or load a model folder you "
+                         "wrote with SentenceTransformer(folder, trust_remote_code=True) (README: Safety)")
     lbr.eval()
     want = lbr.encode(CHECK_TEXTS, batch_size=3) if check else None
     k = lbr.num_bottleneck
