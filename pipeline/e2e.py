@@ -12,6 +12,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 from pipeline.config import TrainConfig, deep_merge, from_dict, load_yaml, parse_overrides, to_dict
+from stages.model import MEAN_READOUTS
 from stages.negatives import NegativeConfig
 
 
@@ -124,8 +125,6 @@ def load_pipeline_config(path: str | Path, overrides: list[str] | None = None) -
     cfg = from_dict(PipelineConfig, deep_merge(load_yaml(path), parse_overrides(overrides or [])))
     cfg.stage_config("generative")
     s2 = cfg.stage_config("contrastive")
-    from stages.model import MEAN_READOUTS
-
     if cfg.idf == "stage1" and s2.stage2.readout not in MEAN_READOUTS and not (s2.baseline == "llm_cl"
                                                                      and s2.model.pooling == "mean"):
         # checked here, not when stage 2 starts after stage 1 has trained

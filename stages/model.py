@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -168,8 +168,6 @@ class LBRModel(nn.Module):
 
     def set_readout(self, readout: str) -> None:
         """Switch the embedding's readout (stage 2's choice; it travels with the saved config)."""
-        from dataclasses import replace
-
         cfg = replace(self.config, readout=readout)        # LBRConfig validates the name and pooling
         _check_dual(cfg, self.hidden_size)
         self.config = cfg
@@ -177,8 +175,6 @@ class LBRModel(nn.Module):
     def _enable_token_weighting(self) -> None:
         """Switch the config to idf (validates pooling/readout) and add the buffer, once."""
         if self.config.token_weighting == "none":
-            from dataclasses import replace
-
             self.config = replace(self.config, token_weighting="idf")
             self._add_token_weight()
 
