@@ -18,7 +18,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline.index.build import build_shard, run_tasks, scratch, staged_table
-from pipeline.index.embed import ACTOR_CALL_BATCHES, EmbedConfig, model_identity
+from pipeline.index.embed import EmbedConfig, model_identity
 from pipeline.index.layout import TRAINED, IndexIntegrityError, ModelMismatchError, version_dir, writer_lock
 from pipeline.index.manifest import check_fingerprint_version, is_index_dir, load_manifest
 from pipeline.index.publish import publish
@@ -110,15 +110,10 @@ def reindex_corpus(index_dir: str | os.PathLike, corpus: str | os.PathLike, mode
                 return
             import ray
 
-            from pipeline.index.stage import _rows_per_write, _StageEncodeActor, actor_threads
+            from pipeline.index.stage import _rows_per_write, encode_with_actors
 
-            use_gpu = ecfg.use_gpu if ecfg.use_gpu is not None else ray.cluster_resources().get("GPU", 0) > 0
-            resources = {"num_gpus": 1} if use_gpu else {"num_cpus": ecfg.num_cpus_per_actor}
             ds = ray.data.read_parquet([str(f) for f in todo_files], num_cpus=0.25)
-            ds = ds.map_batches(_StageEncodeActor, fn_constructor_args=(model["path"], ecfg.batch_size, False,
-                                                                        actor_threads(ecfg, use_gpu)),
-                                batch_size=ecfg.batch_size * ACTOR_CALL_BATCHES, batch_format="pyarrow",
-                                compute=ray.data.ActorPoolStrategy(size=ecfg.num_actors), **resources)
+            ds = encode_with_actors(ds, model["path"], ecfg)
             write_partitioned_ray(ds, emb, _rows_per_write(m["dimension"], cfg.shards))
 
         with scratch(root) as work:

@@ -221,14 +221,30 @@ def stage_corpus(corpus: str | os.PathLike, stage: str | os.PathLike, num_shards
                         fn_kwargs={"num_shards": num_shards, "text_field": text_field,
                                    "rows_per_block": cfg.rows_per_block, "beir": beir}, num_cpus=0.25)
     if model_ref is not None:
-        use_gpu = cfg.use_gpu if cfg.use_gpu is not None else ray.cluster_resources().get("GPU", 0) > 0
-        resources = {"num_gpus": 1} if use_gpu else {"num_cpus": cfg.num_cpus_per_actor}
-        ds = ds.map_batches(_StageEncodeActor, fn_constructor_args=(str(model_ref), cfg.batch_size, keep_text,
-                                                                    actor_threads(cfg, use_gpu)),
-                            batch_size=cfg.batch_size * ACTOR_CALL_BATCHES, batch_format="pyarrow",
-                            compute=ray.data.ActorPoolStrategy(size=cfg.num_actors), **resources)
+        ds = encode_with_actors(ds, str(model_ref), cfg, keep_text)
     write_partitioned_ray(ds, stage, per_write)
     return stage
+
+
+def encode_with_actors(ds, model_ref: str, cfg: EmbedConfig, keep_text: bool = False):
+    """`ds` (staged rows with `text`) through the embedding actor pool: one model per actor, calls of
+    `batch_size * ACTOR_CALL_BATCHES` rows.
+
+    The input is first cut into blocks of at most one call (a streaming repartition, nothing gathered):
+    a read task's output is one block per file (Ray Data merges a generator's yields up to its block-size
+    target) and an actor-pool task never splits a block, so without the cut a one-file corpus was a single
+    task on a single actor however large the pool (measured: 2 actors, 1,541 documents, one task).
+    """
+    import ray
+
+    use_gpu = cfg.use_gpu if cfg.use_gpu is not None else ray.cluster_resources().get("GPU", 0) > 0
+    resources = {"num_gpus": 1} if use_gpu else {"num_cpus": cfg.num_cpus_per_actor}
+    call_rows = cfg.batch_size * ACTOR_CALL_BATCHES
+    ds = ds.repartition(target_num_rows_per_block=call_rows)
+    return ds.map_batches(_StageEncodeActor, fn_constructor_args=(model_ref, cfg.batch_size, keep_text,
+                                                                 actor_threads(cfg, use_gpu)),
+                          batch_size=call_rows, batch_format="pyarrow",
+                          compute=ray.data.ActorPoolStrategy(size=cfg.num_actors), **resources)
 
 
 def write_partitioned_ray(ds, stage: Path, per_write: int) -> None:
