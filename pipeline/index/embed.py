@@ -185,39 +185,24 @@ def vectors_from_column(col: pa.ChunkedArray | pa.Array, dim: int | None = None)
     return np.ascontiguousarray(flat.astype(np.float32, copy=False).reshape(-1, d))
 
 
-class _EncodeActor:
-    """Ray Data callable class: the model is loaded once per actor, then reused for every batch."""
-
-    def __init__(self, model_ref: str, batch_size: int):
-        self.encoder = load_encoder(model_ref)
-        self.batch_size = batch_size
-
-    def __call__(self, batch: pa.Table) -> pa.Table:
-        texts = batch.column("text").to_pylist()
-        vecs = embed_texts_local(self.encoder, texts, self.batch_size)
-        return embeddings_table(batch.column("id").to_pylist(), vecs, [content_hash(t) for t in texts])
-
-
 def embed_to_parquet(model_ref: str | os.PathLike, ids: Sequence[str], texts: Sequence[str],
                      out_dir: str | os.PathLike, cfg: EmbedConfig = EmbedConfig()) -> Path:
-    """Embed (id, text) pairs with a Ray Data actor pool; write Parquet shards (id, vector, content_hash)."""
+    """Embed (id, text) pairs with the index build's Ray Data actor pool (`encode_with_actors`); write
+    Parquet files of (id, content_hash, vector)."""
     import ray
 
     if len(ids) != len(texts):
         raise ValueError(f"{len(ids)} ids but {len(texts)} texts")
     from pipeline.cluster import ensure_ray
+    from pipeline.index.stage import encode_with_actors  # stage imports this module: imported here
 
     ensure_ray()
-    use_gpu = cfg.use_gpu if cfg.use_gpu is not None else ray.cluster_resources().get("GPU", 0) > 0
-    table = pa.table({"id": pa.array(list(ids), pa.string()), "text": pa.array(list(texts), pa.string())})
+    table = pa.table({"id": pa.array(list(ids), pa.string()),
+                      "content_hash": pa.array([content_hash(t) for t in texts], pa.string()),
+                      "text": pa.array(list(texts), pa.string())})
     step = cfg.rows_per_block
     blocks = [table.slice(i, step) for i in range(0, max(len(table), 1), step)]
-    ds = ray.data.from_arrow(blocks)
-    resources = {"num_gpus": 1} if use_gpu else {"num_cpus": cfg.num_cpus_per_actor}
-    ds = ds.map_batches(_EncodeActor, fn_constructor_args=(str(model_ref), cfg.batch_size),
-                        batch_size=cfg.batch_size * ACTOR_CALL_BATCHES, batch_format="pyarrow",
-                        compute=ray.data.ActorPoolStrategy(size=cfg.num_actors),
-                        **resources)
+    ds = encode_with_actors(ray.data.from_arrow(blocks), str(model_ref), cfg)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     ds.write_parquet(str(out))
