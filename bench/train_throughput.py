@@ -60,6 +60,9 @@ def main() -> None:
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "train_throughput.json"))
     ap.add_argument("--runs", default="1x2,2x1,zero0,zero2,zero3")
     ap.add_argument("--profile", help="folder for cProfile stats (in-process loop and each Ray worker)")
+    ap.add_argument("--ray-env", nargs="*", default=[], metavar="KEY=VALUE",
+                    help="environment of the Ray processes only (set after the in-process baseline has loaded its "
+                         "OpenMP runtime, before Ray starts), e.g. OMP_WAIT_POLICY=PASSIVE")
     a = ap.parse_args()
 
     from pipeline.cluster import ensure_ray
@@ -111,6 +114,9 @@ def main() -> None:
     record("in-process torch (2 threads)", inproc, {"wall_s": round(time.time() - t0, 1)})
 
     t0 = time.time()
+    for kv in a.ray_env:       # inherited by the raylet and every worker it starts; this process read its own at load
+        k, _, v = kv.partition("=")
+        os.environ[k] = v
     # logical CPUs: 1 worker x 2 CPUs on a 2-core box still needs a free CPU for Ray Data (else deadlock)
     ensure_ray(num_cpus=(os.cpu_count() or 2) + 2)
     ray_start = round(time.time() - t0, 2)
@@ -164,6 +170,7 @@ def main() -> None:
         medians[name] = {"n": len(rs), "tokens_per_s": tps, "ratio": round(tps / base, 3), "wall_tokens_per_s": wall,
                          "wall_ratio": round(wall / wbase, 3), "ratios": [round(r["tokens_per_s"] / base, 3) for r in rs]}
     result = {"machine": f"{os.cpu_count()} CPUs, no GPU", "torch_threads_inprocess": 2, "ray_start_s": ray_start,
+              "ray_env": a.ray_env,
               "model": {"hidden": a.hidden, "layers": a.layers, "bottleneck": 8},
               "batch_size": a.batch_size, "steps": a.steps, "seq": {"context": 96, "target": 32},
               "runs": rows, "ratio_ray_ds_1worker_vs_inprocess": round(rows[1]["tokens_per_s"] / base, 3)
