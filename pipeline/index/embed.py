@@ -200,9 +200,7 @@ def embed_to_parquet(model_ref: str | os.PathLike, ids: Sequence[str], texts: Se
     table = pa.table({"id": pa.array(list(ids), pa.string()),
                       "content_hash": pa.array([content_hash(t) for t in texts], pa.string()),
                       "text": pa.array(list(texts), pa.string())})
-    step = cfg.rows_per_block
-    blocks = [table.slice(i, step) for i in range(0, max(len(table), 1), step)]
-    ds = encode_with_actors(ray.data.from_arrow(blocks), str(model_ref), cfg)
+    ds = encode_with_actors(ray.data.from_arrow(table), str(model_ref), cfg)     # it cuts call-sized blocks
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     ds.write_parquet(str(out))
