@@ -11,7 +11,9 @@ Writes bench/results/train_throughput.json and prints a table.
 `--runs` picks the Ray runs (1x2 = ZeRO-2 1 worker x 2 CPUs, 2x1, zero0, zero2, zero3: 2 workers x 0.5
 CPU; diagnostics of the 1 x 2 gap: 1x2pre = every batch pulled from Ray Data before the first step, 1x2zero0 =
 DeepSpeed stage 0, 1x2torch = the plain torch engine in the Ray worker, 1x2-rep = a metric-only Ray Train
-report at every logged step, inray = the in-process loop again beside the running cluster; a key may repeat,
+report at every logged step, inray = the in-process loop again beside the running cluster, task / taskthread =
+the in-process loop inside a plain Ray task with 2 CPUs, in its main thread / in a second thread (Ray core
+worker only: no Train controller, no Ray Data); a key may repeat,
 to interleave repeats); `--profile DIR` writes cProfile stats of the in-process loop and of every Ray
 worker's loop there. Two rates per run: tokens/s over the steps' own time, and over the wall time from the
 first logged step to the last (which also counts logging and Ray Train reports).
@@ -49,6 +51,27 @@ def wall_tokens_per_s(metrics: list[dict]) -> float | None:
     if len(metrics) < 2 or "elapsed_s" not in metrics[0]:
         return None
     return sum(r["tokens"] for r in metrics[1:]) / (metrics[-1]["elapsed_s"] - metrics[0]["elapsed_s"])
+
+
+def _loop_in_ray_task(cfg, backbone, corpus, out, in_thread: bool) -> float:
+    """The in-process loop inside a plain Ray task (a core worker, no Train, no Data): the worker's main
+    thread, or a second thread like Ray Train's `TrainingThread`. Returns the task's wall seconds."""
+    import threading
+
+    import torch
+
+    from pipeline.train.inprocess import run_inprocess
+
+    torch.set_num_threads(2)
+    t0 = time.time()
+    if in_thread:
+        th = threading.Thread(target=run_inprocess, args=(cfg, backbone, corpus, out),
+                              kwargs={"overwrite": True, "progress": False})
+        th.start()
+        th.join()
+    else:
+        run_inprocess(cfg, backbone, corpus, out, overwrite=True, progress=False)
+    return time.time() - t0
 
 
 def main() -> None:
@@ -130,10 +153,26 @@ def main() -> None:
             "1x2pre": ("ray+deepspeed zero2, 1 worker x 2 CPU, input preloaded",
                        ["workers=1", "cpus_per_worker=2.0", "engine.zero=2"]),
             "1x2zero0": ("ray+deepspeed zero0, 1 worker x 2 CPU", ["workers=1", "cpus_per_worker=2.0", "engine.zero=0"]),
+            "1x2local": ("ray+deepspeed zero2, 1 worker x 2 CPU, rows read in the worker (no Ray Data)",
+                         ["workers=1", "cpus_per_worker=2.0", "engine.zero=2"]),
+            "1x2torchlocal": ("ray+torch engine, 1 worker x 2 CPU, rows read in the worker (no Ray Data)",
+                              ["workers=1", "cpus_per_worker=2.0", "engine.kind=torch"]),
             "1x2torch": ("ray+torch engine, 1 worker x 2 CPU", ["workers=1", "cpus_per_worker=2.0", "engine.kind=torch"]),
             "1x2-rep": ("ray+deepspeed zero2, 1 worker x 2 CPU, a metric report every logged step",
                         ["workers=1", "cpus_per_worker=2.0", "engine.zero=2", "report_every=5"])}
     for key in a.runs.split(","):
+        if key in ("task", "taskthread"):             # the in-process loop in a plain Ray task (no Train/Data)
+            import ray
+
+            t0 = time.time()
+            name = "in-process torch in a Ray task" + (", second thread" if key == "taskthread" else "")
+            before = proc_cpu.snapshot()
+            ray.get(ray.remote(num_cpus=2)(_loop_in_ray_task).remote(cfg_inproc, backbone, corpus, tmp / key,
+                                                                      key == "taskthread"))
+            cpu = proc_cpu.cpu_delta(before, proc_cpu.snapshot(), top=8)
+            record(name, read_metrics(tmp / key / "metrics.jsonl"), {"wall_s": round(time.time() - t0, 1),
+                                                                     "cpu_s_by_process": cpu})
+            continue
         if key == "inray":                           # the in-process loop again, beside the idle Ray cluster
             t0 = time.time()
             run_inprocess(cfg_inproc, backbone, corpus, tmp / "inray", overwrite=True, progress=False)
@@ -143,7 +182,7 @@ def main() -> None:
         name, extra = runs[key]
         cfg = load_train_config(None, common + ["engine.kind=deepspeed"] + extra)
         t0 = time.time()
-        debug = {"preload": True} if key == "1x2pre" else {}
+        debug = {"preload": True} if key == "1x2pre" else {"local_rows": str(corpus)} if key in ("1x2local", "1x2torchlocal") else {}
         if a.profile:
             debug["profile"] = str(Path(a.profile, key).resolve())
             Path(debug["profile"]).mkdir(parents=True, exist_ok=True)

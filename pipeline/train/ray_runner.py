@@ -62,11 +62,16 @@ def worker_fn(config: dict) -> None:
         torch.set_num_threads(max(1, round(cfg.cpus_per_worker)))
     torch.manual_seed(cfg.seed)
     # the first batch is fetched while the model loads and the engine starts (see stream.prefetched)
-    source = prefetched(shard_source(ray.train.get_dataset_shard("train"), cfg.batch_size, seed=cfg.seed + rank))
     debug = config.get("debug") or {}
+    if not debug.get("local_rows"):
+        source = prefetched(shard_source(ray.train.get_dataset_shard("train"), cfg.batch_size, seed=cfg.seed + rank))
     if debug.get("preload"):
         source = _preloaded(source, cfg.steps * cfg.optim.grad_accum)
     model = prepare_model(cfg, config["model_path"], config.get("token_weights")).to(device)
+    if debug.get("local_rows"):                       # benchmark hook: the in-process reader, no Ray Data at all
+        from pipeline.train.rows import local_source, read_rows
+
+        source = local_source(model.tokenizer, read_rows(cfg, debug["local_rows"])[0], cfg)
     engine = make_engine(model, cfg, rank, world, use_cuda)
 
     start = 0
@@ -305,7 +310,7 @@ def run_ray(cfg: TrainConfig, model_path: str | Path, data_path: str | Path, out
         worker_fn,
         train_loop_config={"cfg": cfg.to_dict(), "model_path": str(Path(model_path).resolve()), "out": str(out),
                            "pid_file": pid_file, "debug": debug, "eval": eval_config, "token_weights": token_weights},
-        scaling_config=scaling, datasets={"train": ds},
+        scaling_config=scaling, datasets={} if (debug or {}).get("local_rows") else {"train": ds},
         run_config=RunConfig(**{"name": f"{cfg.stage}-{int(time.time())}",
                                 "storage_path": storage_path or str(out / "ray"),
                                 "failure_config": FailureConfig(max_failures=max_failures),
