@@ -2,7 +2,7 @@
 that differ only in the training seed (`--train-override seed=N`: same training rows, same eval subsample),
 and each method's paired difference against a reference method, seed by seed.
 
-    python -m bench.seeds bench/results/quality-smollm2.json bench/results/quality-smollm2-seed1.json \
+    python -m bench.seeds bench/results/quality-smollm2-240steps.json bench/results/quality-smollm2-seed1.json \
         bench/results/quality-smollm2-seed2.json --methods lbr lbr_no_refine --ref lbr
 
 Writes bench/results/seeds-<X>.json for a first file quality-<X>.json (or --out) and prints a markdown table.

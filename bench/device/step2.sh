@@ -14,7 +14,7 @@ cat /root/stash/part1 .dev/b/part2 > $G
 [ "$(sha256sum < $G | cut -d' ' -f1)" = "$(cat .dev/b/gguf.sha256)" ] || { echo "GGUF parts do not join"; exit 3; }
 export PYTHONPATH=/root/site PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 LBR_SHARED_DATA=/root/data/shared/data TOKENIZERS_PARALLELISM=false
 W=/root/work; mkdir -p $W; [ -d $W/stdlib_code ] || tar -C $W -xJf /root/stash/stdlib.tar.xz
-# the CPU main table's command (bench/results/quality-smollm2-main480.json), at full depth
+# the CPU main table's command (bench/results/quality-smollm2.json), at full depth
 ARGS="--backbone smollm2 --num-layers ${LAYERS:-30} --base-layers 4 8 ${LAYERS:-30} --steps1 ${STEPS1:-60} --steps2 ${STEPS2:-480}
   --per-domain-s2 5120 --full --lr2 1e-3 --readout dual --train-override stage1.lm_fraction=0.25 seed=0 --threads 8"
 ALL=${METHODS:-"bm25 base lbr llm_cl_idf llm_cl_mean lbr_no_refine cl_bottleneck llm_cl_last lbr_no_ib lbr_plain_lm lbr_bottleneck_readout"}
