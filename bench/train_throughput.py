@@ -53,25 +53,26 @@ def wall_tokens_per_s(metrics: list[dict]) -> float | None:
     return sum(r["tokens"] for r in metrics[1:]) / (metrics[-1]["elapsed_s"] - metrics[0]["elapsed_s"])
 
 
-def _loop_in_ray_task(cfg, backbone, corpus, out, in_thread: bool) -> float:
+def _loop_in_ray_task(cfg, backbone, corpus, out, in_thread: bool) -> None:
     """The in-process loop inside a plain Ray task (a core worker, no Train, no Data): the worker's main
-    thread, or a second thread like Ray Train's `TrainingThread`. Returns the task's wall seconds."""
+    thread, or a second thread like Ray Train's `TrainingThread`, which sets its torch threads itself as
+    `worker_fn` does (OpenMP's thread count is per thread: unset, a reused worker's new thread ran on one)."""
     import threading
 
     import torch
 
     from pipeline.train.inprocess import run_inprocess
 
-    torch.set_num_threads(2)
-    t0 = time.time()
+    def loop() -> None:
+        torch.set_num_threads(2)
+        run_inprocess(cfg, backbone, corpus, out, overwrite=True, progress=False)
+
     if in_thread:
-        th = threading.Thread(target=run_inprocess, args=(cfg, backbone, corpus, out),
-                              kwargs={"overwrite": True, "progress": False})
+        th = threading.Thread(target=loop)
         th.start()
         th.join()
     else:
-        run_inprocess(cfg, backbone, corpus, out, overwrite=True, progress=False)
-    return time.time() - t0
+        loop()
 
 
 def main() -> None:

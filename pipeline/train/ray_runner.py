@@ -63,15 +63,15 @@ def worker_fn(config: dict) -> None:
     torch.manual_seed(cfg.seed)
     # the first batch is fetched while the model loads and the engine starts (see stream.prefetched)
     debug = config.get("debug") or {}
-    if not debug.get("local_rows"):
-        source = prefetched(shard_source(ray.train.get_dataset_shard("train"), cfg.batch_size, seed=cfg.seed + rank))
-    if debug.get("preload"):
-        source = _preloaded(source, cfg.steps * cfg.optim.grad_accum)
+    source = None if debug.get("local_rows") else prefetched(
+        shard_source(ray.train.get_dataset_shard("train"), cfg.batch_size, seed=cfg.seed + rank))
     model = prepare_model(cfg, config["model_path"], config.get("token_weights")).to(device)
     if debug.get("local_rows"):                       # benchmark hook: the in-process reader, no Ray Data at all
         from pipeline.train.rows import local_source, read_rows
 
-        source = local_source(model.tokenizer, read_rows(cfg, debug["local_rows"])[0], cfg)
+        source = local_source(model.tokenizer, read_rows(cfg, debug["local_rows"])[0], cfg, rank, world)
+    if debug.get("preload"):
+        source = _preloaded(source, cfg.steps * cfg.optim.grad_accum)
     engine = make_engine(model, cfg, rank, world, use_cuda)
 
     start = 0
