@@ -8,15 +8,15 @@ Writes bench/results/train_throughput.json and prints a table.
     python bench/train_throughput.py [--steps 40] [--batch-size 8] [--hidden 256 --layers 4]
         [--runs 1x2,2x1,...] [--profile DIR]
 
-`--runs` picks the Ray runs (1x2 = ZeRO-2 1 worker x 2 CPUs, 2x1, zero0, zero2, zero3: 2 workers x 0.5
-CPU; diagnostics of the 1 x 2 gap: 1x2pre = every batch pulled from Ray Data before the first step, 1x2zero0 =
-DeepSpeed stage 0, 1x2torch = the plain torch engine in the Ray worker, 1x2-rep = a metric-only Ray Train
-report at every logged step, inray = the in-process loop again beside the running cluster, task / taskthread =
-the in-process loop inside a plain Ray task with 2 CPUs, in its main thread / in a second thread (Ray core
-worker only: no Train controller, no Ray Data); a key may repeat,
-to interleave repeats); `--profile DIR` writes cProfile stats of the in-process loop and of every Ray
-worker's loop there. Two rates per run: tokens/s over the steps' own time, and over the wall time from the
-first logged step to the last (which also counts logging and Ray Train reports).
+`--runs` picks the Ray runs (1x2 = ZeRO-2 1 worker x 2 CPUs, which runs stage 0 on one fp32 worker, 2x1,
+zero0, zero2, zero3: 2 workers x 0.5 CPU; diagnostics of the 1 x 2 gap: 1x2pre = every batch pulled from Ray
+Data before the first step, 1x2zero0 = DeepSpeed stage 0, 1x2keep = ZeRO-2 kept on the one worker, 1x2torch =
+the plain torch engine in the Ray worker, 1x2-rep = a metric-only Ray Train report at every logged step, inray =
+the in-process loop again beside the running cluster, task / taskthread = the in-process loop inside a plain Ray
+task with 2 CPUs, in its main thread / in a second thread (Ray core worker only: no Train controller, no Ray
+Data); a key may repeat, to interleave repeats); `--profile DIR` writes cProfile stats of the in-process loop and
+of every Ray worker's loop there. Two rates per run: tokens/s over the steps' own time, and over the wall time
+from the first logged step to the last (which also counts logging and Ray Train reports).
 """
 from __future__ import annotations
 
@@ -154,6 +154,9 @@ def main() -> None:
             "1x2pre": ("ray+deepspeed zero2, 1 worker x 2 CPU, input preloaded",
                        ["workers=1", "cpus_per_worker=2.0", "engine.zero=2"]),
             "1x2zero0": ("ray+deepspeed zero0, 1 worker x 2 CPU", ["workers=1", "cpus_per_worker=2.0", "engine.zero=0"]),
+            # one fp32 worker runs ZeRO stage 0 (EngineConfig.effective_zero); this key keeps stage 2 there
+            "1x2keep": ("ray+deepspeed zero2 kept on 1 worker x 2 CPU",
+                        ["workers=1", "cpus_per_worker=2.0", "engine.zero=2", "engine.zero_single_worker=true"]),
             "1x2local": ("ray+deepspeed zero2, 1 worker x 2 CPU, rows read in the worker (no Ray Data)",
                          ["workers=1", "cpus_per_worker=2.0", "engine.zero=2"]),
             "1x2torchlocal": ("ray+torch engine, 1 worker x 2 CPU, rows read in the worker (no Ray Data)",
@@ -196,7 +199,7 @@ def main() -> None:
         for r in m:
             r["tokens_per_s"] *= cfg.workers
             r["tokens"] *= cfg.workers
-        record(name, m, {"wall_s": round(time.time() - t0, 1), "fit_s": rep["fit_seconds"],
+        record(name, m, {"wall_s": round(time.time() - t0, 1), "fit_s": rep["fit_seconds"], "zero_run": rep["zero_run"],
                          "cpu_s_by_process": cpu})
 
     base = rows[0]["tokens_per_s"]

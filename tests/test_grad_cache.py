@@ -99,8 +99,10 @@ def test_grad_cache_step_through_loop_and_engine_matches_plain(tiny_backbone, tm
         cfg = load_train_config(None, ["stage=contrastive", "steps=2", "batch_size=4", "optim.grad_accum=2",
                                        "optim.lr=0.01", "optim.new_lr=0.03", "stage2.lam=0.2", "stage2.beta=0.01",
                                        "stage2.num_negatives=1", "stage2.refine=bow", f"stage2.chunk_size={chunk}",
-                                       f"engine.kind={kind}", "engine.zero=2"])
+                                       f"engine.kind={kind}", "engine.zero=2", "engine.zero_single_worker=true"])
         engine = make_engine(model, cfg, rank=0, world=1, use_cuda=False)
+        if kind == "deepspeed":
+            assert engine.engine.zero_optimization_stage() == 2
         # engine micro-steps per optimizer step: accumulation x GradCache chunks
         micro = engine.micro_steps if kind == "torch" else engine.engine.gradient_accumulation_steps()
         assert micro == (4 if chunk else 2)
@@ -124,3 +126,54 @@ def test_grad_cache_step_through_loop_and_engine_matches_plain(tiny_backbone, tm
 def test_chunk_size_must_divide_batch():
     with pytest.raises(ValueError, match="chunk_size=3 must divide batch_size=8"):
         load_train_config(None, ["stage=contrastive", "batch_size=8", "stage2.chunk_size=3"])
+
+
+def test_one_fp32_worker_runs_zero_stage_0_and_resumes_from_its_checkpoint(tiny_backbone, tmp_path,
+                                                                            single_process_group):
+    """ZeRO partitions nothing across one rank: a one-worker fp32 run gets stage 0 (same optimizer math, none of
+    ZeRO-2's per-step copies); offload, bf16 and `engine.zero_single_worker` keep the configured stage. The stage-0
+    checkpoint resumes to the same weights as an uninterrupted run."""
+    from pipeline.train.engines import deepspeed_config
+    from pipeline.train.loop import train_loop
+
+    def cfg_of(*extra):
+        return load_train_config(None, ["stage=generative", "batch_size=4", "optim.lr=0.01", "engine.kind=deepspeed",
+                                        "engine.zero=2", "stage1.context_len=16", "stage1.target_len=8", *extra])
+
+    def stage(cfg, world=1, cuda=False):
+        return deepspeed_config(cfg, world, cuda)["zero_optimization"]["stage"]
+
+    assert stage(cfg_of()) == 0 and stage(cfg_of(), world=2) == 2
+    assert stage(cfg_of("engine.offload=true")) == 2 and stage(cfg_of("engine.zero_single_worker=true")) == 2
+    assert stage(cfg_of(), cuda=True) == 2 and stage(cfg_of("engine.precision=bf16")) == 2      # bf16: ZeRO keeps
+    assert stage(cfg_of("engine.zero=3"), world=2) == 3                                         # fp32 masters
+
+    data = synthetic_retrieval(n_docs=16, n_train=4)
+    docs = [v["text"] for v in data["corpus"].values()]
+
+    def source(epoch, model, cfg):
+        from stages.objectives import stage1_arrays
+        for s in range(0, 16, 4):
+            yield stage1_arrays(model.tokenizer, docs[s: s + 4], [str(i) for i in range(s, s + 4)], cfg.stage1)
+
+    def run(stop_at=4, start=0, load=None, save=None):
+        torch.manual_seed(0)
+        model = LBRModel.from_backbone(tiny_backbone, num_bottleneck=2, lora_r=4)
+        cfg = cfg_of("steps=4")                    # the lr schedule spans all 4 steps in every run
+        engine = make_engine(model, cfg, rank=0, world=1, use_cuda=False)
+        assert engine.engine.zero_optimization_stage() == 0
+        if load:
+            engine.load(load)
+        done = iter(range(start + 1, 5))
+        train_loop(model, engine, lambda e: source(e, model, cfg), cfg, start_step=start,
+                   stop=lambda: next(done) >= stop_at)
+        if save:
+            engine.save(save, stop_at)
+        return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    straight = run()
+    run(stop_at=2, save=str(tmp_path / "ckpt"))
+    resumed = run(start=2, load=str(tmp_path / "ckpt"))
+    assert any(not torch.allclose(resumed[n], w) for n, w in run(stop_at=2).items())   # 2 steps != 4 steps
+    for name, w in straight.items():
+        assert torch.allclose(resumed[name], w, atol=1e-6), (name, float((resumed[name] - w).abs().max()))

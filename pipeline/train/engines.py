@@ -157,17 +157,27 @@ class DDPEngine(TorchEngine):
             super().save(folder, step)
 
 
+def uses_bf16(cfg, use_cuda: bool) -> bool:
+    return cfg.engine.precision == "bf16" or (cfg.engine.precision == "auto" and use_cuda)
+
+
+def deepspeed_stage(cfg, world_size: int, use_cuda: bool) -> int:
+    """The ZeRO stage this run's DeepSpeed engine runs (EngineConfig.effective_zero)."""
+    return cfg.engine.effective_zero(world_size, uses_bf16(cfg, use_cuda))
+
+
 def deepspeed_config(cfg, world_size: int, use_cuda: bool) -> dict:
     """DeepSpeed config from the typed run config (ZeRO stage, offload, precision, accumulation)."""
     e, o = cfg.engine, cfg.optim
-    bf16 = e.precision == "bf16" or (e.precision == "auto" and use_cuda)
-    zero: dict = {"stage": e.zero}
-    if e.zero == 3:
+    bf16 = uses_bf16(cfg, use_cuda)
+    stage = deepspeed_stage(cfg, world_size, use_cuda)
+    zero: dict = {"stage": stage}
+    if stage == 3:
         zero["stage3_param_persistence_threshold"] = 0
         zero["stage3_gather_16bit_weights_on_model_save"] = True
-    if e.offload and e.zero > 0:
+    if e.offload and stage > 0:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": use_cuda}
-        if e.zero == 3:
+        if stage == 3:
             zero["offload_param"] = {"device": "cpu", "pin_memory": use_cuda}
     return {
         # one DeepSpeed micro-step per backward: accumulation x GradCache chunks
@@ -192,12 +202,14 @@ class DeepSpeedEngine:
         import deepspeed
 
         self.cfg = cfg
+        config = deepspeed_config(cfg, world_size, use_cuda)
+        self.zero = config["zero_optimization"]["stage"]
         params = [p for p in model.parameters() if p.requires_grad]
         opt = make_optimizer(param_groups(model, cfg.optim), cfg.optim)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg.optim, total_steps))
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=model, optimizer=opt, lr_scheduler=sched, model_parameters=params,
-            config=deepspeed_config(cfg, world_size, use_cuda), dist_init_required=False)
+            config=config, dist_init_required=False)
         self.module = self.engine.module
 
     def __call__(self, *args, **kwargs):
@@ -217,8 +229,8 @@ class DeepSpeedEngine:
 
     def save(self, folder: str, step: int) -> None:
         self.engine.save_checkpoint(folder, tag=self.TAG, client_state={"step": step})   # collective
-        full_fp32 = self.cfg.engine.zero < 3 and not self.engine.bfloat16_enabled()
-        if (full_fp32 or self.cfg.engine.zero == 0) and self.engine.global_rank == 0:
+        full_fp32 = self.zero < 3 and not self.engine.bfloat16_enabled()
+        if (full_fp32 or self.zero == 0) and self.engine.global_rank == 0:
             # ZeRO 0-2 in fp32 keep the full weights on every rank: export them as safetensors. ZeRO-3
             # partitions (and bf16 runs' fp32 master weights) are merged at export by zero_to_fp32.
             from safetensors.torch import save_file

@@ -48,6 +48,7 @@ def worker_fn(config: dict) -> None:
     import ray.train.torch
     import torch
 
+    from pipeline.train.engines import deepspeed_stage
     from pipeline.train.loop import train_loop
     from pipeline.train.stream import prefetched, shard_source
 
@@ -90,7 +91,7 @@ def worker_fn(config: dict) -> None:
     if rank == 0:
         with open(out / ".attempts", "a") as f:          # one line per worker-group start: restarts = lines - 1
             f.write(f"{start}\n")
-    if config.get("eval") and cfg.engine.kind == "deepspeed" and cfg.engine.zero == 3:
+    if config.get("eval") and cfg.engine.kind == "deepspeed" and deepspeed_stage(cfg, world, use_cuda) == 3:
         raise ValueError("in-run dev evaluation needs full weights on every rank: use engine.zero <= 2 or ddp")
     evaluator = DevEvaluator(config["eval"]) if config.get("eval") else None
     last_eval: dict = {}
@@ -271,6 +272,7 @@ def run_ray(cfg: TrainConfig, model_path: str | Path, data_path: str | Path, out
     pass reads, validates and tokenises inside Ray Data tasks feeding the workers' dataset shards.
     """
     from pipeline.model_paths import resolve_model_dir
+    from pipeline.train.engines import deepspeed_stage
     from pipeline.train.stream import build_dataset, check_source, open_source
 
     t0 = time.time()
@@ -332,6 +334,8 @@ def run_ray(cfg: TrainConfig, model_path: str | Path, data_path: str | Path, out
     metrics = read_metrics(out / "metrics.jsonl")
     attempts = (out / ".attempts").read_text().split() if (out / ".attempts").exists() else ["0"]
     report = {"stage": cfg.stage, "engine": cfg.engine.kind, "zero": cfg.engine.zero, "workers": cfg.workers,
+              # the stage DeepSpeed ran: one fp32 worker runs stage 0 (EngineConfig.effective_zero)
+              "zero_run": deepspeed_stage(cfg, cfg.workers, use_gpu) if cfg.engine.kind == "deepspeed" else None,
               "model_in": str(model_path), "data": str(data_path), "steps": cfg.steps, "rows": checked.rows,
               "bad_records": bad, "seconds": round(time.time() - t0, 2), "fit_seconds": round(fit_s, 2),
               "restarts": len(attempts) - 1, "resumed_from_steps": [int(x) for x in attempts[1:]],
