@@ -12,7 +12,7 @@ Writes bench/results/train_throughput.json and prints a table.
 zero0, zero2, zero3: 2 workers x 0.5 CPU; diagnostics of the 1 x 2 gap: 1x2pre = every batch pulled from Ray
 Data before the first step, 1x2zero0 = DeepSpeed stage 0, 1x2keep = ZeRO-2 kept on the one worker, 1x2torch =
 the plain torch engine in the Ray worker, 1x2-rep = a metric-only Ray Train report at every logged step, inray =
-the in-process loop again beside the running cluster, task / taskthread = the in-process loop inside a plain Ray
+the in-process loop again beside the running cluster (inray+N: and N idle actors), task / taskthread = the in-process loop inside a plain Ray
 task with 2 CPUs, in its main thread / in a second thread (Ray core worker only: no Train controller, no Ray
 Data); a key may repeat, to interleave repeats); `--profile DIR` writes cProfile stats of the in-process loop and
 of every Ray worker's loop there. Two rates per run: tokens/s over the steps' own time, and over the wall time
@@ -73,6 +73,13 @@ def _loop_in_ray_task(cfg, backbone, corpus, out, in_thread: bool) -> None:
         th.join()
     else:
         loop()
+
+
+class _Idle:
+    """An actor that does nothing: what an idle Ray worker process costs the cores beside it."""
+
+    def ready(self) -> bool:
+        return True
 
 
 def main() -> None:
@@ -177,11 +184,22 @@ def main() -> None:
             record(name, read_metrics(tmp / key / "metrics.jsonl"), {"wall_s": round(time.time() - t0, 1),
                                                                      "cpu_s_by_process": cpu})
             continue
-        if key == "inray":                           # the in-process loop again, beside the idle Ray cluster
+        if key == "inray" or key.startswith("inray+"):   # the in-process loop again, beside the idle Ray cluster
+            import ray
+
+            # inray+N: and beside N idle actors (each an idle Ray worker process, as Train's and Data's are)
+            n = int(key.partition("+")[2] or 0)
+            actors = [ray.remote(num_cpus=0)(_Idle).remote() for _ in range(n)]
+            ray.get([h.ready.remote() for h in actors])
             t0 = time.time()
+            before = proc_cpu.snapshot()
             run_inprocess(cfg_inproc, backbone, corpus, tmp / "inray", overwrite=True, progress=False)
-            record("in-process torch, Ray cluster up", read_metrics(tmp / "inray" / "metrics.jsonl"),
-                   {"wall_s": round(time.time() - t0, 1)})
+            cpu = proc_cpu.cpu_delta(before, proc_cpu.snapshot(), top=8)
+            record("in-process torch, Ray cluster up" + (f", {n} idle actors" if n else ""),
+                   read_metrics(tmp / "inray" / "metrics.jsonl"), {"wall_s": round(time.time() - t0, 1),
+                                                                   "cpu_s_by_process": cpu})
+            for h in actors:
+                ray.kill(h)
             continue
         name, extra = runs[key]
         cfg = load_train_config(None, common + ["engine.kind=deepspeed"] + extra)
