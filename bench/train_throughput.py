@@ -75,6 +75,14 @@ def _loop_in_ray_task(cfg, backbone, corpus, out, in_thread: bool) -> None:
         loop()
 
 
+def _wait_gone(pids: set[int], timeout: float = 30.0) -> None:
+    import psutil
+
+    deadline = time.time() + timeout
+    while time.time() < deadline and any(psutil.pid_exists(p) for p in pids):
+        time.sleep(0.2)
+
+
 class _Idle:
     """An actor that does nothing: what an idle Ray worker process costs the cores beside it."""
 
@@ -190,16 +198,23 @@ def main() -> None:
             # inray+N: and beside N idle actors (each an idle Ray worker process, as Train's and Data's are)
             n = int(key.partition("+")[2] or 0)
             actors = [ray.remote(num_cpus=0)(_Idle).remote() for _ in range(n)]
-            ray.get([h.ready.remote() for h in actors])
-            t0 = time.time()
-            before = proc_cpu.snapshot()
-            run_inprocess(cfg_inproc, backbone, corpus, tmp / "inray", overwrite=True, progress=False)
-            cpu = proc_cpu.cpu_delta(before, proc_cpu.snapshot(), top=8)
-            record("in-process torch, Ray cluster up" + (f", {n} idle actors" if n else ""),
-                   read_metrics(tmp / "inray" / "metrics.jsonl"), {"wall_s": round(time.time() - t0, 1),
-                                                                   "cpu_s_by_process": cpu})
-            for h in actors:
-                ray.kill(h)
+            try:
+                ray.get([h.ready.remote() for h in actors])
+                t0 = time.time()
+                before = proc_cpu.snapshot()
+                run_inprocess(cfg_inproc, backbone, corpus, tmp / "inray", overwrite=True, progress=False)
+                after = proc_cpu.snapshot()
+                cpu = proc_cpu.cpu_delta(before, after, top=8)
+                # Ray may place an actor in a pooled idle worker: count the Ray worker processes that really ran
+                workers = sum(1 for name, _ in after.values() if name.startswith("ray::"))
+                record("in-process torch, Ray cluster up" + (f", {n} idle actors" if n else ""),
+                       read_metrics(tmp / "inray" / "metrics.jsonl"),
+                       {"wall_s": round(time.time() - t0, 1), "ray_worker_processes": workers, "cpu_s_by_process": cpu})
+            finally:
+                pids = {pid for pid, (name, _) in proc_cpu.snapshot().items() if name == "ray::_Idle"}
+                for h in actors:
+                    ray.kill(h)
+                _wait_gone(pids)            # the next timed run starts without their teardown beside it
             continue
         name, extra = runs[key]
         cfg = load_train_config(None, common + ["engine.kind=deepspeed"] + extra)
@@ -217,6 +232,9 @@ def main() -> None:
         for r in m:
             r["tokens_per_s"] *= cfg.workers
             r["tokens"] *= cfg.workers
+        # the label says the configured stage; the ZeRO stage DeepSpeed ran is part of the name (one fp32 worker: 0)
+        if rep["zero_run"] is not None:
+            name = f"{name} [ran stage {rep['zero_run']}]"
         record(name, m, {"wall_s": round(time.time() - t0, 1), "fit_s": rep["fit_seconds"], "zero_run": rep["zero_run"],
                          "cpu_s_by_process": cpu})
 

@@ -73,10 +73,12 @@ class EngineConfig:
     def effective_zero(self, world_size: int, bf16: bool) -> int:
         """The ZeRO stage DeepSpeed runs. ZeRO partitions optimizer state, gradients and weights across ranks;
         with one rank in fp32 it partitions nothing but still pays its per-step bookkeeping (gradient buckets,
-        flat copies, copy-back: 0.74x the in-process rate against 0.84x for stage 0 on bench/train_throughput.py's
-        fully trained tiny model), so a one-worker fp32 run uses stage 0 - the same optimizer math. The configured
-        stage stays with offload (needs stage >= 1), in bf16 (ZeRO 1-2 keep the fp32 master weights the export
-        merges) and when `zero_single_worker` asks for it."""
+        flat copies, copy-back: 0.72x the in-process rate against 0.82x for stage 0 on bench/train_throughput.py's
+        fully trained tiny model), so a one-worker fp32 run uses stage 0 - the same optimizer math, with one
+        difference: with weight_decay > 0, ZeRO 1-2 give a trainable parameter that got no gradient a zero one and
+        decay it, stage 0 (like the torch and DDP engines) leaves it. The configured stage stays with offload
+        (needs stage >= 1), in bf16 (ZeRO 1-2 keep the fp32 master weights the export merges) and when
+        `zero_single_worker` asks for it."""
         if world_size == 1 and not (self.offload or bf16 or self.zero_single_worker):
             return 0
         return self.zero

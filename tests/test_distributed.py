@@ -144,7 +144,7 @@ def test_both_stages_two_workers_zero2_through_jobs_train(ray_session, tiny_back
     assert {"loss", "lm", "comp", "rate", "lr", "tokens_per_s"} <= set(recs[0])
     assert any(p.name.startswith("events.out.tfevents") for p in (s1 / "tensorboard").iterdir())
     report = json.loads((s1 / "report.json").read_text())
-    assert report["workers"] == 2 and report["zero"] == 2 and report["engine"] == "deepspeed"
+    assert report["workers"] == 2 and report["zero"] == 2 and report["zero_run"] == 2 and report["engine"] == "deepspeed"
     # the trained weights really moved away from the backbone
     fresh = LBRModel.from_backbone(tiny_backbone, num_bottleneck=8)
     assert not torch.allclose(m1.lm.get_input_embeddings().weight, fresh.lm.get_input_embeddings().weight)

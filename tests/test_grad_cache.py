@@ -79,13 +79,18 @@ def single_process_group(monkeypatch, tmp_path):
     dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
     yield
     dist.destroy_process_group()
+    import deepspeed.utils.groups as ds_groups
+
+    ds_groups._WORLD_GROUP = None       # DeepSpeed caches a clone of the world group: the next test's is new
 
 
-@pytest.mark.parametrize("kind", ["torch", "deepspeed"])
+@pytest.mark.parametrize("kind", ["torch", "deepspeed-zero0", "deepspeed-zero2"])
 def test_grad_cache_step_through_loop_and_engine_matches_plain(tiny_backbone, tmp_path, kind, request):
     """Two optimizer steps with gradient accumulation 2: GradCache chunks count as engine micro-steps, in the
-    torch engine and in DeepSpeed ZeRO-2 (one rank here; tests/test_distributed.py's slow case runs 2 Ray
-    workers with gathered negatives)."""
+    torch engine and in DeepSpeed on one rank — stage 0 (what one fp32 worker runs) and ZeRO-2 kept by
+    `engine.zero_single_worker` (tests/test_distributed.py's slow case runs 2 Ray workers with gathered
+    negatives)."""
+    kind, _, stage = kind.partition("-zero")
     if kind == "deepspeed":
         request.getfixturevalue("single_process_group")
     data = synthetic_retrieval(n_docs=32, n_train=32)
@@ -99,10 +104,11 @@ def test_grad_cache_step_through_loop_and_engine_matches_plain(tiny_backbone, tm
         cfg = load_train_config(None, ["stage=contrastive", "steps=2", "batch_size=4", "optim.grad_accum=2",
                                        "optim.lr=0.01", "optim.new_lr=0.03", "stage2.lam=0.2", "stage2.beta=0.01",
                                        "stage2.num_negatives=1", "stage2.refine=bow", f"stage2.chunk_size={chunk}",
-                                       f"engine.kind={kind}", "engine.zero=2", "engine.zero_single_worker=true"])
+                                       f"engine.kind={kind}", "engine.zero=2",
+                                       f"engine.zero_single_worker={stage == '2'}"])
         engine = make_engine(model, cfg, rank=0, world=1, use_cuda=False)
         if kind == "deepspeed":
-            assert engine.engine.zero_optimization_stage() == 2
+            assert engine.engine.zero_optimization_stage() == int(stage)
         # engine micro-steps per optimizer step: accumulation x GradCache chunks
         micro = engine.micro_steps if kind == "torch" else engine.engine.gradient_accumulation_steps()
         assert micro == (4 if chunk else 2)
@@ -145,8 +151,9 @@ def test_one_fp32_worker_runs_zero_stage_0_and_resumes_from_its_checkpoint(tiny_
 
     assert stage(cfg_of()) == 0 and stage(cfg_of(), world=2) == 2
     assert stage(cfg_of("engine.offload=true")) == 2 and stage(cfg_of("engine.zero_single_worker=true")) == 2
-    assert stage(cfg_of(), cuda=True) == 2 and stage(cfg_of("engine.precision=bf16")) == 2      # bf16: ZeRO keeps
-    assert stage(cfg_of("engine.zero=3"), world=2) == 3                                         # fp32 masters
+    # bf16 (auto on a GPU, or asked for): ZeRO keeps the fp32 master weights, so the stage stays
+    assert stage(cfg_of(), cuda=True) == 2 and stage(cfg_of("engine.precision=bf16")) == 2
+    assert stage(cfg_of("engine.zero=3"), world=2) == 3
 
     data = synthetic_retrieval(n_docs=16, n_train=4)
     docs = [v["text"] for v in data["corpus"].values()]

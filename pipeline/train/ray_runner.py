@@ -48,7 +48,6 @@ def worker_fn(config: dict) -> None:
     import ray.train.torch
     import torch
 
-    from pipeline.train.engines import deepspeed_stage
     from pipeline.train.loop import train_loop
     from pipeline.train.stream import prefetched, shard_source
 
@@ -75,12 +74,17 @@ def worker_fn(config: dict) -> None:
         source = _preloaded(source, cfg.steps * cfg.optim.grad_accum)
     engine = make_engine(model, cfg, rank, world, use_cuda)
 
+    zero_run = getattr(engine, "zero", None)           # the ZeRO stage DeepSpeed runs (None: not DeepSpeed)
     start = 0
     ckpt = ray.train.get_checkpoint()
     if ckpt is not None:
         with ckpt.as_directory() as d:
+            state = json.loads((Path(d) / STATE_FILE).read_text())
+            if state.get("zero_run", zero_run) != zero_run:
+                raise ValueError(f"checkpoint {d} was written by ZeRO stage {state['zero_run']}, this run is stage "
+                                 f"{zero_run}: a DeepSpeed checkpoint resumes at the stage that wrote it")
             engine.load(d)
-            start = json.loads((Path(d) / STATE_FILE).read_text())["step"]
+            start = state["step"]
     out = Path(config["out"])
     writer = None
     if rank == 0:
@@ -91,7 +95,7 @@ def worker_fn(config: dict) -> None:
     if rank == 0:
         with open(out / ".attempts", "a") as f:          # one line per worker-group start: restarts = lines - 1
             f.write(f"{start}\n")
-    if config.get("eval") and cfg.engine.kind == "deepspeed" and deepspeed_stage(cfg, world, use_cuda) == 3:
+    if config.get("eval") and zero_run == 3:
         raise ValueError("in-run dev evaluation needs full weights on every rank: use engine.zero <= 2 or ddp")
     evaluator = DevEvaluator(config["eval"]) if config.get("eval") else None
     last_eval: dict = {}
@@ -124,7 +128,7 @@ def worker_fn(config: dict) -> None:
         with tempfile.TemporaryDirectory() as d:
             engine.save(d, step)
             if rank == 0:
-                (Path(d) / STATE_FILE).write_text(json.dumps({"step": step, "stage": cfg.stage}))
+                (Path(d) / STATE_FILE).write_text(json.dumps({"step": step, "stage": cfg.stage, "zero_run": zero_run}))
             ray.train.report({**last_rec, "stage": cfg.stage, "step": step, "checkpoint_step": step, **last_eval},
                              checkpoint=ray.train.Checkpoint.from_directory(d))
 
@@ -272,7 +276,6 @@ def run_ray(cfg: TrainConfig, model_path: str | Path, data_path: str | Path, out
     pass reads, validates and tokenises inside Ray Data tasks feeding the workers' dataset shards.
     """
     from pipeline.model_paths import resolve_model_dir
-    from pipeline.train.engines import deepspeed_stage
     from pipeline.train.stream import build_dataset, check_source, open_source
 
     t0 = time.time()
@@ -301,7 +304,8 @@ def run_ray(cfg: TrainConfig, model_path: str | Path, data_path: str | Path, out
     if start.token_weight_info is not None:              # workers and the export load it: no refit per process
         token_weights, idf = str(save_token_weights(start, out / TOKEN_WEIGHTS_FILE)), start.token_weight_info
     del start
-    ds = build_dataset(cfg, src, checked, model_path)
+    local_rows = bool((debug or {}).get("local_rows"))     # benchmark hook: the worker reads its rows itself
+    datasets = {} if local_rows else {"train": build_dataset(cfg, src, checked, model_path)}
     use_gpu = ray.cluster_resources().get("GPU", 0) > 0
     scaling = ScalingConfig(num_workers=cfg.workers, use_gpu=use_gpu,
                             resources_per_worker=None if use_gpu else {"CPU": cfg.cpus_per_worker})
@@ -312,7 +316,7 @@ def run_ray(cfg: TrainConfig, model_path: str | Path, data_path: str | Path, out
         worker_fn,
         train_loop_config={"cfg": cfg.to_dict(), "model_path": str(Path(model_path).resolve()), "out": str(out),
                            "pid_file": pid_file, "debug": debug, "eval": eval_config, "token_weights": token_weights},
-        scaling_config=scaling, datasets={} if (debug or {}).get("local_rows") else {"train": ds},
+        scaling_config=scaling, datasets=datasets,
         run_config=RunConfig(**{"name": f"{cfg.stage}-{int(time.time())}",
                                 "storage_path": storage_path or str(out / "ray"),
                                 "failure_config": FailureConfig(max_failures=max_failures),
@@ -334,8 +338,8 @@ def run_ray(cfg: TrainConfig, model_path: str | Path, data_path: str | Path, out
     metrics = read_metrics(out / "metrics.jsonl")
     attempts = (out / ".attempts").read_text().split() if (out / ".attempts").exists() else ["0"]
     report = {"stage": cfg.stage, "engine": cfg.engine.kind, "zero": cfg.engine.zero, "workers": cfg.workers,
-              # the stage DeepSpeed ran: one fp32 worker runs stage 0 (EngineConfig.effective_zero)
-              "zero_run": deepspeed_stage(cfg, cfg.workers, use_gpu) if cfg.engine.kind == "deepspeed" else None,
+              # the stage DeepSpeed ran, as the workers chose it: one fp32 worker runs stage 0 (EngineConfig.effective_zero)
+              "zero_run": state.get("zero_run"),
               "model_in": str(model_path), "data": str(data_path), "steps": cfg.steps, "rows": checked.rows,
               "bad_records": bad, "seconds": round(time.time() - t0, 2), "fit_seconds": round(fit_s, 2),
               "restarts": len(attempts) - 1, "resumed_from_steps": [int(x) for x in attempts[1:]],
