@@ -184,3 +184,16 @@ def test_one_fp32_worker_runs_zero_stage_0_and_resumes_from_its_checkpoint(tiny_
     assert any(not torch.allclose(resumed[n], w) for n, w in run(stop_at=2).items())   # 2 steps != 4 steps
     for name, w in straight.items():
         assert torch.allclose(resumed[name], w, atol=1e-6), (name, float((resumed[name] - w).abs().max()))
+
+
+def test_resume_from_a_checkpoint_of_another_zero_stage_is_refused(tmp_path):
+    import json
+
+    from pipeline.train.ray_runner import STATE_FILE, resume_step
+
+    (tmp_path / STATE_FILE).write_text(json.dumps({"step": 6, "stage": "generative", "zero_run": 0}))
+    assert resume_step(tmp_path, 0) == 6
+    with pytest.raises(ValueError, match="written by ZeRO stage 0, this run is stage 2"):
+        resume_step(tmp_path, 2)
+    (tmp_path / STATE_FILE).write_text(json.dumps({"step": 3, "stage": "generative"}))   # written before zero_run
+    assert resume_step(tmp_path, 2) == 3

@@ -42,6 +42,16 @@ def make_engine(model, cfg: TrainConfig, rank: int, world: int, use_cuda: bool):
     return TorchEngine(model, cfg.optim, cfg.steps, cfg.micro_steps(), cfg.engine.precision)
 
 
+def resume_step(ckpt_dir: Path, zero_run: int | None) -> int:
+    """The step a checkpoint folder resumes from, after checking it was written at this run's ZeRO stage (DeepSpeed
+    lays out stage 0 and ZeRO 1-3 checkpoints differently and would fail on the other's files without saying why)."""
+    state = json.loads((ckpt_dir / STATE_FILE).read_text())
+    if state.get("zero_run", zero_run) != zero_run:
+        raise ValueError(f"checkpoint {ckpt_dir} was written by ZeRO stage {state['zero_run']}, this run is stage "
+                         f"{zero_run}: a DeepSpeed checkpoint resumes at the stage that wrote it")
+    return int(state["step"])
+
+
 def worker_fn(config: dict) -> None:
     """Runs in every Ray Train worker."""
     import ray.train
@@ -79,12 +89,8 @@ def worker_fn(config: dict) -> None:
     ckpt = ray.train.get_checkpoint()
     if ckpt is not None:
         with ckpt.as_directory() as d:
-            state = json.loads((Path(d) / STATE_FILE).read_text())
-            if state.get("zero_run", zero_run) != zero_run:
-                raise ValueError(f"checkpoint {d} was written by ZeRO stage {state['zero_run']}, this run is stage "
-                                 f"{zero_run}: a DeepSpeed checkpoint resumes at the stage that wrote it")
+            start = resume_step(Path(d), zero_run)
             engine.load(d)
-            start = state["step"]
     out = Path(config["out"])
     writer = None
     if rank == 0:
