@@ -12,11 +12,12 @@ Writes bench/results/train_throughput.json and prints a table.
 zero0, zero2, zero3: 2 workers x 0.5 CPU; diagnostics of the 1 x 2 gap: 1x2pre = every batch pulled from Ray
 Data before the first step, 1x2zero0 = DeepSpeed stage 0, 1x2keep = ZeRO-2 kept on the one worker, 1x2torch =
 the plain torch engine in the Ray worker, 1x2-rep = a metric-only Ray Train report at every logged step, inray =
-the in-process loop again beside the running cluster (inray+N: and N idle actors), task / taskthread = the in-process loop inside a plain Ray
-task with 2 CPUs, in its main thread / in a second thread (Ray core worker only: no Train controller, no Ray
-Data); a key may repeat, to interleave repeats); `--profile DIR` writes cProfile stats of the in-process loop and
-of every Ray worker's loop there. Two rates per run: tokens/s over the steps' own time, and over the wall time
-from the first logged step to the last (which also counts logging and Ray Train reports).
+the in-process loop again beside the running cluster (inray+N: and N idle actors), task / taskthread = the
+in-process loop inside a plain Ray task with 2 CPUs, in its main thread / in a second thread (Ray core worker
+only: no Train controller, no Ray Data); a key may repeat, to interleave repeats); `--profile DIR` writes cProfile
+stats of the in-process loop and of every Ray worker's loop there. Two rates per run: tokens/s over the steps'
+own time, and over the wall time from the first logged step to the last (which also counts logging and Ray Train
+reports).
 """
 from __future__ import annotations
 

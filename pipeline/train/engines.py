@@ -157,20 +157,11 @@ class DDPEngine(TorchEngine):
             super().save(folder, step)
 
 
-def uses_bf16(cfg, use_cuda: bool) -> bool:
-    return cfg.engine.precision == "bf16" or (cfg.engine.precision == "auto" and use_cuda)
-
-
-def deepspeed_stage(cfg, world_size: int, use_cuda: bool) -> int:
-    """The ZeRO stage this run's DeepSpeed engine runs (EngineConfig.effective_zero)."""
-    return cfg.engine.effective_zero(world_size, uses_bf16(cfg, use_cuda))
-
-
 def deepspeed_config(cfg, world_size: int, use_cuda: bool) -> dict:
     """DeepSpeed config from the typed run config (ZeRO stage, offload, precision, accumulation)."""
     e, o = cfg.engine, cfg.optim
-    bf16 = uses_bf16(cfg, use_cuda)
-    stage = deepspeed_stage(cfg, world_size, use_cuda)
+    bf16 = e.precision == "bf16" or (e.precision == "auto" and use_cuda)
+    stage = e.effective_zero(world_size, bf16)          # one fp32 worker: stage 0 (nothing to partition)
     zero: dict = {"stage": stage}
     if stage == 3:
         zero["stage3_param_persistence_threshold"] = 0
