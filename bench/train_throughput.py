@@ -14,7 +14,10 @@ Data before the first step, 1x2zero0 = DeepSpeed stage 0, 1x2keep = ZeRO-2 kept 
 the plain torch engine in the Ray worker, 1x2-rep = a metric-only Ray Train report at every logged step, inray =
 the in-process loop again beside the running cluster (inray+N: and N idle actors), task / taskthread = the
 in-process loop inside a plain Ray task with 2 CPUs, in its main thread / in a second thread (Ray core worker
-only: no Train controller, no Ray Data); a key may repeat, to interleave repeats); `--profile DIR` writes cProfile
+only: no Train controller, no Ray Data); inprocess = the in-process loop again with Ray shut down, ray:K=V[;K=V] =
+restart Ray with those environment variables (an A/B of cluster settings in one invocation); a key may repeat,
+to interleave repeats; every run's ratio is against the in-process run before it, since this host's speed drifts
+±10 % between minutes); `--profile DIR` writes cProfile
 stats of the in-process loop and of every Ray worker's loop there. Two rates per run: tokens/s over the steps'
 own time, and over the wall time from the first logged step to the last (which also counts logging and Ray Train
 reports).
@@ -76,6 +79,12 @@ def _loop_in_ray_task(cfg, backbone, corpus, out, in_thread: bool) -> None:
         loop()
 
 
+def _ray_up() -> bool:
+    import ray
+
+    return ray.is_initialized()
+
+
 def _wait_gone(pids: set[int], timeout: float = 30.0) -> None:
     import psutil
 
@@ -125,8 +134,13 @@ def main() -> None:
 
     def record(name, metrics, extra=None):
         wall = wall_tokens_per_s(metrics)
+        base = [r for r in rows if r["run"].startswith("in-process torch (2")]
         rows.append({"run": name, "tokens_per_s": round(steady_tokens_per_s(metrics), 1),
                      "wall_tokens_per_s": None if wall is None else round(wall, 1),
+                     # the latest in-process run: ratios are taken against it (interleave `inprocess` keys
+                     # when the host drifts)
+                     "baseline_tokens_per_s": base[-1]["tokens_per_s"] if base else None,
+                     "baseline_wall_tokens_per_s": base[-1]["wall_tokens_per_s"] if base else None,
                      "max_rss_mb": max((r.get("max_rss_mb", 0) for r in metrics), default=None), **(extra or {})})
         print(f"  {name}: {rows[-1]}", flush=True)
 
@@ -180,7 +194,29 @@ def main() -> None:
             "1x2torch": ("ray+torch engine, 1 worker x 2 CPU", ["workers=1", "cpus_per_worker=2.0", "engine.kind=torch"]),
             "1x2-rep": ("ray+deepspeed zero2, 1 worker x 2 CPU, a metric report every logged step",
                         ["workers=1", "cpus_per_worker=2.0", "engine.zero=2", "report_every=5"])}
+    env_label = ""
     for key in a.runs.split(","):
+        if key == "inprocess":                        # the baseline again, Ray shut down (interleaved baselines)
+            import ray
+
+            ray.shutdown()
+            t0 = time.time()
+            run_inprocess(cfg_inproc, backbone, corpus, tmp / "inproc", overwrite=True, progress=False)
+            record("in-process torch (2 threads)", read_metrics(tmp / "inproc" / "metrics.jsonl"),
+                   {"wall_s": round(time.time() - t0, 1)})
+            continue
+        if key.startswith("ray:"):                    # restart Ray with these env vars (A/B of cluster settings)
+            import ray
+
+            ray.shutdown()
+            env_label = key[4:]
+            for kv in env_label.split(";"):
+                k, _, v = kv.partition("=")
+                os.environ[k] = v
+            ensure_ray(num_cpus=(os.cpu_count() or 2) + 2)
+            continue
+        if not _ray_up():
+            ensure_ray(num_cpus=(os.cpu_count() or 2) + 2)
         if key in ("task", "taskthread"):             # the in-process loop in a plain Ray task (no Train/Data)
             import ray
 
@@ -236,24 +272,32 @@ def main() -> None:
         # the label says the configured stage; the ZeRO stage DeepSpeed ran is part of the name (one fp32 worker: 0)
         if rep["zero_run"] is not None:
             name = f"{name} [ran stage {rep['zero_run']}]"
+        if env_label:
+            name = f"{name} {{{env_label}}}"
         record(name, m, {"wall_s": round(time.time() - t0, 1), "fit_s": rep["fit_seconds"], "zero_run": rep["zero_run"],
                          "cpu_s_by_process": cpu})
 
-    base = rows[0]["tokens_per_s"]
-    wbase = rows[0]["wall_tokens_per_s"]
+    rows[0]["baseline_tokens_per_s"] = rows[0]["tokens_per_s"]
+    rows[0]["baseline_wall_tokens_per_s"] = rows[0]["wall_tokens_per_s"]
+    for r in rows:                  # each run against the in-process run before it (the first one: itself)
+        r["ratio"] = round(r["tokens_per_s"] / r["baseline_tokens_per_s"], 3)
+        r["wall_ratio"] = (round(r["wall_tokens_per_s"] / r["baseline_wall_tokens_per_s"], 3)
+                           if r["wall_tokens_per_s"] and r["baseline_wall_tokens_per_s"] else None)
     by_run: dict[str, list[dict]] = {}
     for r in rows:
         by_run.setdefault(r["run"], []).append(r)
     medians = {}
     for name, rs in by_run.items():
         tps, wall = statistics.median(r["tokens_per_s"] for r in rs), statistics.median(r["wall_tokens_per_s"] for r in rs)
-        medians[name] = {"n": len(rs), "tokens_per_s": tps, "ratio": round(tps / base, 3), "wall_tokens_per_s": wall,
-                         "wall_ratio": round(wall / wbase, 3), "ratios": [round(r["tokens_per_s"] / base, 3) for r in rs]}
+        medians[name] = {"n": len(rs), "tokens_per_s": tps, "ratio": round(statistics.median(r["ratio"] for r in rs), 3),
+                         "wall_tokens_per_s": wall,
+                         "wall_ratio": round(statistics.median(r["wall_ratio"] or 0 for r in rs), 3),
+                         "ratios": [r["ratio"] for r in rs]}
     result = {"machine": f"{os.cpu_count()} CPUs, no GPU", "torch_threads_inprocess": 2, "ray_start_s": ray_start,
               "ray_env": a.ray_env,
               "model": {"hidden": a.hidden, "layers": a.layers, "bottleneck": 8},
               "batch_size": a.batch_size, "steps": a.steps, "seq": {"context": 96, "target": 32},
-              "runs": rows, "ratio_ray_ds_1worker_vs_inprocess": round(rows[1]["tokens_per_s"] / base, 3)
+              "runs": rows, "ratio_ray_ds_1worker_vs_inprocess": rows[1]["ratio"]
               if "1x2" in a.runs.split(",")[:1] else None, "median_by_run": medians}
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     Path(a.out).write_text(json.dumps(result, indent=2) + "\n")
@@ -262,11 +306,11 @@ def main() -> None:
           "max RSS per worker (MB) | wall s |\n|---|---|---|---|---|---|---|")
     for r in rows:
         w = r["wall_tokens_per_s"]
-        print(f"| {r['run']} | {r['tokens_per_s']:.0f} | {r['tokens_per_s'] / base:.2f} | {w:.0f} | {w / wbase:.2f} | "
+        print(f"| {r['run']} | {r['tokens_per_s']:.0f} | {r['ratio']:.2f} | {w:.0f} | {r['wall_ratio']:.2f} | "
               f"{r['max_rss_mb']} | {r.get('wall_s')} |")
 
     if any(m["n"] > 1 for m in medians.values()):
-        print("\nMedians over repeats (vs the in-process loop):\n| run | n | tokens/s (steps) | ratios | median "
+        print("\nMedians over repeats (each run vs the in-process run before it):\n| run | n | tokens/s (steps) | ratios | median "
               "| wall ratio |\n|---|---|---|---|---|---|")
         for name, m in medians.items():
             print(f"| {name} | {m['n']} | {m['tokens_per_s']:.0f} | {m['ratios']} | {m['ratio']:.2f} | "
