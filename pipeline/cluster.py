@@ -25,8 +25,13 @@ def local_ray_options() -> dict:
 
     Ray turns an explicit 127.0.0.1 node address back into the LAN address; its single-machine mode
     (the one it uses on macOS/Windows, `RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0`) keeps loopback. It is set
-    here for this process and inherited by the Ray processes it starts.
+    here for this process and inherited by the Ray processes it starts, as is the workers' niceness (0).
     """
+    # Ray starts its workers at niceness 15 so its own services win the CPU; on a small box that lets every
+    # 1% poller (raylet, dashboard, controller, stats actors) preempt one of the trainer's OpenMP threads and
+    # stall the other at the barrier: a SmolLM2 stage-2 Ray run went 249 -> 290 tokens/s at niceness 0
+    # (in-process 330). `ray job submit` drivers already run at 0 (Ray's job manager sets the same variable).
+    os.environ.setdefault("RAY_worker_niceness", "0")
     node_ip = os.environ.get("LBR_RAY_NODE_IP")
     opts = {"dashboard_host": os.environ.get("LBR_RAY_DASHBOARD_HOST") or LOOPBACK}
     if node_ip:
@@ -37,39 +42,6 @@ def local_ray_options() -> dict:
         os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
         rc.ENABLE_RAY_CLUSTER = False
     return opts
-
-
-# EXPERIMENT (reverted in the next commit: no measurable gain, bench/results/train_throughput-niceness-ab.json).
-# Ray starts every worker at niceness 15 (`RAY_worker_niceness`); the processes doing the job's work ask for
-# 0 through their runtime env (Train workers, Ray Data read/tokenise/embed, index shard tasks); Ray's helper
-# actors stay at 15; the local cluster's observability services are raised to LBR_RAY_SERVICE_NICENESS.
-COMPUTE_RUNTIME_ENV = {"env_vars": {"RAY_worker_niceness": "0"}}
-SERVICE_NICENESS = 19
-_SERVICE_CMDLINES = ("ray/dashboard/dashboard.py", "ray/autoscaler/_private/monitor.py", "ray/_private/log_monitor.py")
-_SERVICE_NAMES = ("ray::DashboardAgent", "ray::RuntimeEnvAgent")
-
-
-def lower_service_priority(niceness: int | None = None) -> list[int]:
-    """Raise the niceness of this process's local Ray observability services (and their children)."""
-    import psutil
-
-    n = int(os.environ.get("LBR_RAY_SERVICE_NICENESS", SERVICE_NICENESS)) if niceness is None else niceness
-    if n <= 0:
-        return []
-    done = []
-    for p in psutil.Process().children(recursive=True):
-        try:
-            cmd = " ".join(p.cmdline())
-            if not (any(c in cmd for c in _SERVICE_CMDLINES) or p.name() in _SERVICE_NAMES
-                    or any(cmd.startswith(name) for name in _SERVICE_NAMES)):
-                continue
-            for q in [p, *p.children(recursive=True)]:
-                if q.nice() < n:
-                    q.nice(n)
-                done.append(q.pid)
-        except (psutil.NoSuchProcess, psutil.AccessDenied):
-            continue
-    return done
 
 
 def ensure_ray(num_cpus: int | None = None):
@@ -92,7 +64,6 @@ def ensure_ray(num_cpus: int | None = None):
         # the dashboard is required: without it Train V2 leaks placement groups between runs
         ray.init(num_cpus=num_cpus, include_dashboard=True, runtime_env={"env_vars": env}, configure_logging=False,
                  **local_ray_options())
-        lower_service_priority()
     import sys
 
     import ray.data

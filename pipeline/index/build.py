@@ -23,7 +23,6 @@ import faiss
 import numpy as np
 import pyarrow as pa
 
-from pipeline.cluster import COMPUTE_RUNTIME_ENV
 from pipeline.index.embed import EmbedConfig, model_identity, vectors_from_column
 from pipeline.index.layout import work_dir
 from pipeline.index.manifest import check_out
@@ -71,7 +70,7 @@ def run_tasks(fn: Callable, calls: Sequence[tuple], use_ray: bool, refs: bool = 
     import ray
 
     gpus = 1 if ray.cluster_resources().get("GPU", 0) > 0 else 0
-    task = ray.remote(num_cpus=1, num_gpus=gpus, runtime_env=COMPUTE_RUNTIME_ENV)(fn)
+    task = ray.remote(num_cpus=1, num_gpus=gpus)(fn)
     out = [task.remote(*c) for c in calls]
     if refs:
         return out

@@ -22,7 +22,6 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline.cluster import COMPUTE_RUNTIME_ENV
 from pipeline.index.embed import (
     ACTOR_CALL_BATCHES,
     EmbedConfig,
@@ -220,8 +219,7 @@ def stage_corpus(corpus: str | os.PathLike, stage: str | os.PathLike, num_shards
     ds = ray.data.from_items(items, override_num_blocks=len(items))
     ds = ds.map_batches(_read_sources, batch_size=1, batch_format="pyarrow",
                         fn_kwargs={"num_shards": num_shards, "text_field": text_field,
-                                   "rows_per_block": cfg.rows_per_block, "beir": beir}, num_cpus=0.25,
-                        runtime_env=COMPUTE_RUNTIME_ENV)
+                                   "rows_per_block": cfg.rows_per_block, "beir": beir}, num_cpus=0.25)
     if model_ref is not None:
         ds = encode_with_actors(ds, str(model_ref), cfg, keep_text)
     write_partitioned_ray(ds, stage, per_write)
@@ -246,8 +244,7 @@ def encode_with_actors(ds, model_ref: str, cfg: EmbedConfig, keep_text: bool = F
     return ds.map_batches(_StageEncodeActor, fn_constructor_args=(model_ref, cfg.batch_size, keep_text,
                                                                  actor_threads(cfg, use_gpu)),
                           batch_size=call_rows, batch_format="pyarrow",
-                          compute=ray.data.ActorPoolStrategy(size=cfg.num_actors), runtime_env=COMPUTE_RUNTIME_ENV,
-                          **resources)
+                          compute=ray.data.ActorPoolStrategy(size=cfg.num_actors), **resources)
 
 
 def write_partitioned_ray(ds, stage: Path, per_write: int) -> None:

@@ -14,7 +14,7 @@ import threading
 import time
 from pathlib import Path
 
-from pipeline.cluster import COMPUTE_RUNTIME_ENV, ensure_ray
+from pipeline.cluster import ensure_ray
 from pipeline.config import TrainConfig, from_dict
 from pipeline.train.run_folder import MetricsWriter, check_out_dir, claim_out_dir, read_metrics, write_report
 from pipeline.train.start_model import TOKEN_WEIGHTS_FILE, prepare_model, save_token_weights
@@ -327,7 +327,6 @@ def run_ray(cfg: TrainConfig, model_path: str | Path, data_path: str | Path, out
                                 "storage_path": storage_path or str(out / "ray"),
                                 "failure_config": FailureConfig(max_failures=max_failures),
                                 "checkpoint_config": CheckpointConfig(num_to_keep=2),
-                                "worker_runtime_env": COMPUTE_RUNTIME_ENV,
                                 **(run_config_kwargs or {})}))
     try:
         result = trainer.fit()

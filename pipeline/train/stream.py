@@ -40,7 +40,6 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pipeline.cluster import COMPUTE_RUNTIME_ENV
 from pipeline.config import TrainConfig
 from pipeline.train.rows import encode_rows
 from stages.readers import (
@@ -272,7 +271,7 @@ def _check_ds(src: Source, cfg: TrainConfig, strict: bool, pairs: dict | None):
 
     units = _units(src, list(range(len(src.files))))
     return ray.data.from_items(units, override_num_blocks=len(units)).map_batches(
-        _check_files, batch_size=1, batch_format="numpy", num_cpus=0.25, runtime_env=COMPUTE_RUNTIME_ENV,
+        _check_files, batch_size=1, batch_format="numpy", num_cpus=0.25,
         fn_kwargs={"src": src, "cfg": cfg, "strict": strict, "pairs": pairs})
 
 
@@ -402,7 +401,7 @@ def build_dataset(cfg: TrainConfig, src: Source, checked: Checked, model_path: s
     random.Random(cfg.seed).shuffle(order)
     units = _units(src, order, checked.caps)
     ds = ray.data.from_items(units, override_num_blocks=len(units)).map_batches(
-        _train_files, batch_size=1, batch_format="numpy", num_cpus=0.25, runtime_env=COMPUTE_RUNTIME_ENV,
+        _train_files, batch_size=1, batch_format="numpy", num_cpus=0.25,
         fn_kwargs={"src": src, "cfg": cfg, "tokenizer_path": tokenizer_path_of(model_path),
                    "pairs": checked.pairs})
     need = rows_needed(cfg)
