@@ -17,10 +17,9 @@ in-process loop inside a plain Ray task with 2 CPUs, in its main thread / in a s
 only: no Train controller, no Ray Data); inprocess = the in-process loop again with Ray shut down, ray:K=V[;K=V] =
 restart Ray with those environment variables (an A/B of cluster settings in one invocation); a key may repeat,
 to interleave repeats; every run's ratio is against the in-process run before it, since this host's speed drifts
-±10 % between minutes); `--profile DIR` writes cProfile
-stats of the in-process loop and of every Ray worker's loop there. Two rates per run: tokens/s over the steps'
-own time, and over the wall time from the first logged step to the last (which also counts logging and Ray Train
-reports).
+±10 % between minutes); `--profile DIR` writes cProfile stats of the in-process loop and of every Ray worker's
+loop there. Two rates per run: tokens/s over the steps' own time, and over the wall time from the first logged
+step to the last (which also counts logging and Ray Train reports).
 """
 from __future__ import annotations
 
@@ -79,10 +78,10 @@ def _loop_in_ray_task(cfg, backbone, corpus, out, in_thread: bool) -> None:
         loop()
 
 
-def _ray_up() -> bool:
-    import ray
-
-    return ray.is_initialized()
+def _median(values: list) -> float | None:
+    """Median of the values that exist (a run without a wall rate has none), rounded; None if none does."""
+    got = [v for v in values if v is not None]
+    return round(statistics.median(got), 3) if got else None
 
 
 def _wait_gone(pids: set[int], timeout: float = 30.0) -> None:
@@ -131,18 +130,37 @@ def main() -> None:
     common = [f"steps={a.steps}", f"batch_size={a.batch_size}", "log_every=5", "stage=generative",
               "stage1.context_len=96", "stage1.target_len=32", "model.num_bottleneck=8", "optim.lr=1e-4"]
     rows = []
+    baseline: dict = {}         # the latest in-process run: every run's ratio is taken against it
 
-    def record(name, metrics, extra=None):
+    def record(name, metrics, extra=None, inprocess=False):
         wall = wall_tokens_per_s(metrics)
-        base = [r for r in rows if r["run"].startswith("in-process torch (2")]
-        rows.append({"run": name, "tokens_per_s": round(steady_tokens_per_s(metrics), 1),
-                     "wall_tokens_per_s": None if wall is None else round(wall, 1),
-                     # the latest in-process run: ratios are taken against it (interleave `inprocess` keys
-                     # when the host drifts)
-                     "baseline_tokens_per_s": base[-1]["tokens_per_s"] if base else None,
-                     "baseline_wall_tokens_per_s": base[-1]["wall_tokens_per_s"] if base else None,
-                     "max_rss_mb": max((r.get("max_rss_mb", 0) for r in metrics), default=None), **(extra or {})})
-        print(f"  {name}: {rows[-1]}", flush=True)
+        row = {"run": name, "tokens_per_s": round(steady_tokens_per_s(metrics), 1),
+               "wall_tokens_per_s": None if wall is None else round(wall, 1),
+               "max_rss_mb": max((r.get("max_rss_mb", 0) for r in metrics), default=None), **(extra or {})}
+        base = baseline or row                          # the first in-process run: against itself
+        row["baseline_tokens_per_s"] = base["tokens_per_s"]
+        row["baseline_wall_tokens_per_s"] = base["wall_tokens_per_s"]
+        row["ratio"] = round(row["tokens_per_s"] / base["tokens_per_s"], 3)
+        row["wall_ratio"] = (round(wall / base["wall_tokens_per_s"], 3)
+                             if wall and base["wall_tokens_per_s"] else None)
+        if inprocess:
+            baseline.clear()
+            baseline.update(row)
+        rows.append(row)
+        print(f"  {name}: {row}", flush=True)
+
+    def start_ray(env: list[str] | None = None) -> None:
+        """Start the local Ray unless it is up; with `env` (KEY=VALUE), restart it with those env vars first: the
+        raylet and every worker it starts inherit them (this process read its own at load). Logical CPUs: 1
+        worker x 2 CPUs on a 2-core box still needs a free CPU for Ray Data (else deadlock)."""
+        import ray
+
+        if env is not None:
+            ray.shutdown()
+            for kv in env:
+                k, _, v = kv.partition("=")
+                os.environ[k] = v
+        ensure_ray(num_cpus=(os.cpu_count() or 2) + 2)
 
     import torch
 
@@ -165,14 +183,10 @@ def main() -> None:
     inproc = read_metrics(tmp / "inproc" / "metrics.jsonl")
     for r in inproc:
         r["max_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
-    record("in-process torch (2 threads)", inproc, {"wall_s": round(time.time() - t0, 1)})
+    record("in-process torch (2 threads)", inproc, {"wall_s": round(time.time() - t0, 1)}, inprocess=True)
 
     t0 = time.time()
-    for kv in a.ray_env:       # inherited by the raylet and every worker it starts; this process read its own at load
-        k, _, v = kv.partition("=")
-        os.environ[k] = v
-    # logical CPUs: 1 worker x 2 CPUs on a 2-core box still needs a free CPU for Ray Data (else deadlock)
-    ensure_ray(num_cpus=(os.cpu_count() or 2) + 2)
+    start_ray(a.ray_env)
     ray_start = round(time.time() - t0, 2)
     runs = {"1x2": ("ray+deepspeed zero2, 1 worker x 2 CPU", ["workers=1", "cpus_per_worker=2.0", "engine.zero=2"]),
             "2x1": ("ray+deepspeed zero2, 2 workers x 1 CPU", ["workers=2", "cpus_per_worker=1.0", "engine.zero=2"]),
@@ -202,21 +216,15 @@ def main() -> None:
             ray.shutdown()
             t0 = time.time()
             run_inprocess(cfg_inproc, backbone, corpus, tmp / "inproc", overwrite=True, progress=False)
+            # max RSS is this process's lifetime peak, not this run's: left out
             record("in-process torch (2 threads)", read_metrics(tmp / "inproc" / "metrics.jsonl"),
-                   {"wall_s": round(time.time() - t0, 1)})
+                   {"wall_s": round(time.time() - t0, 1), "max_rss_mb": None}, inprocess=True)
             continue
         if key.startswith("ray:"):                    # restart Ray with these env vars (A/B of cluster settings)
-            import ray
-
-            ray.shutdown()
             env_label = key[4:]
-            for kv in env_label.split(";"):
-                k, _, v = kv.partition("=")
-                os.environ[k] = v
-            ensure_ray(num_cpus=(os.cpu_count() or 2) + 2)
+            start_ray(env_label.split(";"))
             continue
-        if not _ray_up():
-            ensure_ray(num_cpus=(os.cpu_count() or 2) + 2)
+        start_ray()                                   # up again after an `inprocess` key (a no-op when it is up)
         if key in ("task", "taskthread"):             # the in-process loop in a plain Ray task (no Train/Data)
             import ray
 
@@ -277,21 +285,15 @@ def main() -> None:
         record(name, m, {"wall_s": round(time.time() - t0, 1), "fit_s": rep["fit_seconds"], "zero_run": rep["zero_run"],
                          "cpu_s_by_process": cpu})
 
-    rows[0]["baseline_tokens_per_s"] = rows[0]["tokens_per_s"]
-    rows[0]["baseline_wall_tokens_per_s"] = rows[0]["wall_tokens_per_s"]
-    for r in rows:                  # each run against the in-process run before it (the first one: itself)
-        r["ratio"] = round(r["tokens_per_s"] / r["baseline_tokens_per_s"], 3)
-        r["wall_ratio"] = (round(r["wall_tokens_per_s"] / r["baseline_wall_tokens_per_s"], 3)
-                           if r["wall_tokens_per_s"] and r["baseline_wall_tokens_per_s"] else None)
     by_run: dict[str, list[dict]] = {}
     for r in rows:
         by_run.setdefault(r["run"], []).append(r)
     medians = {}
     for name, rs in by_run.items():
         tps, wall = statistics.median(r["tokens_per_s"] for r in rs), statistics.median(r["wall_tokens_per_s"] for r in rs)
-        medians[name] = {"n": len(rs), "tokens_per_s": tps, "ratio": round(statistics.median(r["ratio"] for r in rs), 3),
+        medians[name] = {"n": len(rs), "tokens_per_s": tps, "ratio": _median([r["ratio"] for r in rs]),
                          "wall_tokens_per_s": wall,
-                         "wall_ratio": round(statistics.median(r["wall_ratio"] or 0 for r in rs), 3),
+                         "wall_ratio": _median([r["wall_ratio"] for r in rs]),
                          "ratios": [r["ratio"] for r in rs]}
     result = {"machine": f"{os.cpu_count()} CPUs, no GPU", "torch_threads_inprocess": 2, "ray_start_s": ray_start,
               "ray_env": a.ray_env,
@@ -314,7 +316,7 @@ def main() -> None:
               "| wall ratio |\n|---|---|---|---|---|---|")
         for name, m in medians.items():
             print(f"| {name} | {m['n']} | {m['tokens_per_s']:.0f} | {m['ratios']} | {m['ratio']:.2f} | "
-                  f"{m['wall_ratio']:.2f} |")
+                  f"{m['wall_ratio']} |")
 
 
 if __name__ == "__main__":
