@@ -290,7 +290,7 @@ def main() -> None:
         by_run.setdefault(r["run"], []).append(r)
     medians = {}
     for name, rs in by_run.items():
-        tps, wall = statistics.median(r["tokens_per_s"] for r in rs), statistics.median(r["wall_tokens_per_s"] for r in rs)
+        tps, wall = statistics.median(r["tokens_per_s"] for r in rs), _median([r["wall_tokens_per_s"] for r in rs])
         medians[name] = {"n": len(rs), "tokens_per_s": tps, "ratio": _median([r["ratio"] for r in rs]),
                          "wall_tokens_per_s": wall,
                          "wall_ratio": _median([r["wall_ratio"] for r in rs]),
